@@ -1,0 +1,19 @@
+"""The KL autoencoder of latent diffusion (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1)
+as Equinox modules."""
+
+from ._attention import AttentionBlock as AttentionBlock
+from ._autoencoder import AutoencoderKL as AutoencoderKL
+from ._config import PRESETS as PRESETS, AutoencoderKLConfig as AutoencoderKLConfig
+from ._decoder import Decoder as Decoder, UpDecoderBlock2D as UpDecoderBlock2D
+from ._distribution import DiagonalGaussian as DiagonalGaussian
+from ._encoder import DownEncoderBlock2D as DownEncoderBlock2D, Encoder as Encoder
+from ._errors import CheckpointError as CheckpointError
+from ._mid_block import MidBlock2D as MidBlock2D
+from ._resnet import ResnetBlock2D as ResnetBlock2D
+from ._sampling import Downsample2D as Downsample2D, Upsample2D as Upsample2D
+from ._serialisation import load as load, save as save
+from ._state_dict import (
+    from_diffusers_state_dict as from_diffusers_state_dict,
+    to_diffusers_state_dict as to_diffusers_state_dict,
+)
+from ._version import __version__ as __version__

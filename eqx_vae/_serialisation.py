@@ -1,0 +1,263 @@
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pathlib
+import struct
+import tempfile
+from typing import Any, BinaryIO
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._autoencoder import AutoencoderKL
+from ._config import AutoencoderKLConfig
+from ._errors import CheckpointError
+from ._state_dict import abstract_model, named_parameters
+from ._version import __version__
+
+
+# File layout: MAGIC, the header length (u64 little-endian), the JSON header,
+# the `eqx.tree_serialise_leaves` payload, then the SHA-256 of header and payload.
+MAGIC = b"EQXVAE\x00\n"
+FORMAT_VERSION = 1
+_LENGTH = struct.Struct("<Q")
+_DIGEST_SIZE = 32
+_MAX_HEADER = 64 * 1024 * 1024
+
+
+def save(path: str | os.PathLike[str], model: AutoencoderKL) -> None:
+    """Writes `model` to one file: a JSON header (config, package and format versions,
+    the name, shape and dtype of every parameter) followed by
+    `eqx.tree_serialise_leaves` and a checksum.
+
+    The file is written under a temporary name in the same directory and renamed
+    into place, so a crash never leaves a half-written file at `path` (an existing
+    file there stays intact until the new one is complete).
+
+    **Arguments:**
+
+    - `path`: where to write; conventionally ending in `.eqx`.
+    - `model`: an [`eqx_vae.AutoencoderKL`][].
+    """
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
+    header = {
+        "format": "eqx_vae",
+        "format_version": FORMAT_VERSION,
+        "eqx_vae_version": __version__,
+        "config": model.config.to_dict(),
+        "parameters": [
+            [name, list(leaf.shape), jnp.dtype(leaf.dtype).name]
+            for name, leaf in named_parameters(model)
+        ],
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    with atomic_write(path) as f:
+        hasher = _HashingWriter(f)
+        hasher.write(MAGIC)
+        hasher.write(_LENGTH.pack(len(header_bytes)))
+        hasher.write(header_bytes)
+        eqx.tree_serialise_leaves(hasher, model)
+        f.write(hasher.digest())
+
+
+def load(path: str | os.PathLike[str]) -> AutoencoderKL:
+    """Reads a model written by [`eqx_vae.save`][].
+
+    **Arguments:**
+
+    - `path`: the file.
+
+    **Returns:**
+
+    The [`eqx_vae.AutoencoderKL`][], with the dtypes it was saved with.
+
+    **Raises:**
+
+    [`eqx_vae.CheckpointError`][] if the file is not an eqx_vae checkpoint, was written
+    in another format version, does not match the model structure of this version
+    of eqx_vae, or is damaged (truncated, or failing its checksum).
+    """
+    path = pathlib.Path(path)
+    with open(path, "rb") as raw:
+        f = _HashingReader(raw)
+        header = _read_header(f, path)
+        config = _config_from_header(header, path)
+        skeleton = _skeleton_from_header(header, config, path)
+        try:
+            model = eqx.tree_deserialise_leaves(f, skeleton)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path} is damaged: its parameters could not be read ({e})."
+            ) from e
+        digest = f.digest()
+        stored = raw.read(_DIGEST_SIZE)
+        if len(stored) != _DIGEST_SIZE:
+            raise CheckpointError(f"{path} is truncated: its checksum is missing.")
+        if stored != digest:
+            raise CheckpointError(f"{path} is damaged: its checksum does not match.")
+        if raw.read(1):
+            raise CheckpointError(f"{path} is damaged: it has data after its checksum.")
+    return model
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]):
+    """Opens a temporary file next to `path` for binary writing, and renames it to
+    `path` only once the block has finished without an exception (after flushing it
+    to disk). On an exception the temporary file is removed and `path` is untouched."""
+    path = pathlib.Path(path)
+    directory = path.parent if str(path.parent) else pathlib.Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _read_header(f: "_HashingReader", path: pathlib.Path) -> dict[str, Any]:
+    magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+        raise CheckpointError(
+            f"{path} is not an eqx_vae checkpoint (it does not start with {MAGIC!r}). "
+            "For diffusers folders and single .safetensors files use the loaders for "
+            "those formats."
+        )
+    length_bytes = f.read(_LENGTH.size)
+    if len(length_bytes) != _LENGTH.size:
+        raise CheckpointError(f"{path} is truncated inside its header.")
+    (length,) = _LENGTH.unpack(length_bytes)
+    if length > _MAX_HEADER:
+        raise CheckpointError(f"{path} is damaged: its header claims {length} bytes.")
+    header_bytes = f.read(length)
+    if len(header_bytes) != length:
+        raise CheckpointError(f"{path} is truncated inside its header.")
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged: its header is not valid JSON ({e}).") from e
+    if not isinstance(header, dict) or header.get("format") != "eqx_vae":
+        raise CheckpointError(f"{path} is damaged: its header does not describe an eqx_vae model.")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in eqx_vae checkpoint format version {version!r} (by "
+            f"eqx_vae {header.get('eqx_vae_version', '?')}); this eqx_vae {__version__} "
+            f"reads format version {FORMAT_VERSION}."
+        )
+    return header
+
+
+def _config_from_header(header: dict[str, Any], path: pathlib.Path) -> AutoencoderKLConfig:
+    try:
+        return AutoencoderKLConfig.from_dict(header["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged: its config is invalid ({e}).") from e
+
+
+def _skeleton_from_header(
+    header: dict[str, Any], config: AutoencoderKLConfig, path: pathlib.Path
+) -> AutoencoderKL:
+    """The model structure this version builds for `config`, with each parameter's
+    dtype taken from the file, after checking that the file's parameter names and
+    shapes are exactly those of the structure (so that a reordered or renamed field can
+    never load a parameter into the wrong place)."""
+    try:
+        recorded = [
+            (str(n), tuple(int(d) for d in s), jnp.dtype(t)) for n, s, t in header["parameters"]
+        ]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged: its parameter list is invalid ({e}).") from e
+    skeleton = abstract_model(config)
+    expected = [(name, tuple(leaf.shape)) for name, leaf in named_parameters(skeleton)]
+    if [(n, s) for n, s, _ in recorded] != expected:
+        recorded_names = {n: s for n, s, _ in recorded}
+        expected_names = dict(expected)
+        missing = sorted(set(expected_names) - set(recorded_names))
+        extra = sorted(set(recorded_names) - set(expected_names))
+        reshaped = sorted(
+            n
+            for n in set(expected_names) & set(recorded_names)
+            if expected_names[n] != recorded_names[n]
+        )
+        raise CheckpointError(
+            f"{path} does not match the AutoencoderKL structure of eqx_vae {__version__} "
+            f"(written by eqx_vae {header.get('eqx_vae_version', '?')}): "
+            f"missing {missing[:10]}, unexpected {extra[:10]}, reshaped {reshaped[:10]}"
+            + ("" if missing or extra or reshaped else ", parameters in a different order")
+            + "."
+        )
+    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    leaves = [
+        jax.ShapeDtypeStruct(leaf.shape, t)
+        for leaf, (_, _, t) in zip(leaves, recorded, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._hash = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self._hash.update(data)
+        self._f.write(data)
+        return len(data)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+class _HashingReader(io.RawIOBase):
+    """Hashes every byte of a seekable file once, in order, however often `np.load`
+    seeks back to read a part again."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._hash = hashlib.sha256()
+        self._hashed_to = f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._f.tell()
+        if start > self._hashed_to:
+            raise CheckpointError("Internal error: a checkpoint was read out of order.")
+        data = self._f.read(-1 if size is None else size)
+        end = start + len(data)
+        if end > self._hashed_to:
+            self._hash.update(data[self._hashed_to - start :])
+            self._hashed_to = end
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()

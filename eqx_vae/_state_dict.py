@@ -1,0 +1,205 @@
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._autoencoder import AutoencoderKL
+from ._config import AutoencoderKLConfig
+from ._custom_types import DTypeLike
+from ._errors import CheckpointError
+
+
+# Attention parameter names written by diffusers before 0.14.
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+# How many problems of each kind an error message lists before summarising the rest.
+_MAX_LISTED = 50
+
+
+def leaf_key(path: tuple[Any, ...]) -> str:
+    """The dotted diffusers-style name of a pytree path, e.g.
+    `encoder.down_blocks.0.resnets.1.conv1.weight`."""
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.GetAttrKey):
+            parts.append(entry.name)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        else:
+            raise TypeError(f"Unexpected pytree path entry {entry!r}.")
+    return ".".join(parts)
+
+
+def named_parameters(model: Any) -> list[tuple[str, Any]]:
+    """The `(name, array)` pairs of a model (or of an `eqx.filter_eval_shape`
+    skeleton, whose leaves are `jax.ShapeDtypeStruct`s), in pytree order."""
+    leaves = jax.tree_util.tree_flatten_with_path(model)[0]
+    return [(leaf_key(path), leaf) for path, leaf in leaves if _is_array(leaf)]
+
+
+def torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape PyTorch stores a parameter in: Equinox keeps convolution biases as
+    `(O, 1, 1)`, PyTorch as `(O,)`; everything else is the same."""
+    if name.endswith(".bias") and len(shape) == 3 and shape[1:] == (1, 1):
+        return shape[:1]
+    return shape
+
+
+def abstract_model(config: AutoencoderKLConfig, dtype: DTypeLike | None = None) -> AutoencoderKL:
+    """An `AutoencoderKL` whose leaves are `jax.ShapeDtypeStruct`s: the structure
+    without any arrays or random initialisation."""
+    return eqx.filter_eval_shape(AutoencoderKL, config, dtype, key=jax.random.key(0))
+
+
+def from_diffusers_state_dict(
+    state_dict: Mapping[str, Any],
+    config: AutoencoderKLConfig | Mapping[str, Any],
+    *,
+    dtype: DTypeLike | None = None,
+) -> AutoencoderKL:
+    """Builds a model from a diffusers `AutoencoderKL` state dict.
+
+    The model structure comes from an `eqx.filter_eval_shape` skeleton, so no random
+    initialisation is computed. Both attention naming schemes are accepted
+    (`to_q`/`to_k`/`to_v`/`to_out.0`, and the older `query`/`key`/`value`/`proj_attn`).
+
+    **Arguments:**
+
+    - `state_dict`: a mapping from diffusers parameter names to arrays (NumPy arrays,
+        JAX arrays, or anything `np.asarray` accepts, including CPU torch tensors).
+    - `config`: the model's [`eqx_vae.AutoencoderKLConfig`][], or the contents of its
+        `config.json`.
+    - `dtype`: parameter dtype of the model; float32 by default.
+
+    **Returns:**
+
+    An [`eqx_vae.AutoencoderKL`][].
+
+    **Raises:**
+
+    [`eqx_vae.CheckpointError`][] listing every missing, unexpected and mis-shaped
+    parameter at once.
+    """
+    if not isinstance(config, AutoencoderKLConfig):
+        config = AutoencoderKLConfig.from_dict(config)
+    skeleton = abstract_model(config)
+    tensors, problems = _rename_old_attention(state_dict)
+    expected = named_parameters(skeleton)
+
+    missing: list[str] = []
+    misshaped: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name, leaf in expected:
+        if name not in tensors:
+            missing.append(f"{name}: expected shape {torch_shape(name, leaf.shape)}")
+            continue
+        value = _to_numpy(tensors[name])
+        if value.shape not in (leaf.shape, torch_shape(name, leaf.shape)):
+            misshaped.append(
+                f"{name}: checkpoint has shape {value.shape}, model expects "
+                f"{torch_shape(name, leaf.shape)}"
+            )
+        elif not _is_floating(value.dtype):
+            problems.append(f"{name}: dtype {value.dtype} is not floating point")
+        else:
+            arrays[name] = value.reshape(leaf.shape)
+    known = {name for name, _ in expected}
+    unexpected = [
+        f"{name}: shape {tuple(getattr(value, 'shape', ()))}"
+        for name, value in tensors.items()
+        if name not in known
+    ]
+    _raise_if_problems(
+        "Cannot load the state dict into AutoencoderKL",
+        config,
+        missing=missing,
+        unexpected=unexpected,
+        misshaped=misshaped,
+        invalid=problems,
+    )
+    out_dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    treedef = jax.tree_util.tree_structure(skeleton)
+    leaves = [jnp.asarray(arrays[name], dtype=out_dtype) for name, _ in expected]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def to_diffusers_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
+    """The model's parameters under diffusers' names and in PyTorch's shapes, as NumPy
+    arrays; the inverse of [`eqx_vae.from_diffusers_state_dict`][]."""
+    return {
+        name: np.asarray(leaf).reshape(torch_shape(name, leaf.shape))
+        for name, leaf in named_parameters(model)
+    }
+
+
+def _rename_old_attention(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    tensors: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in state_dict.items():
+        match = _OLD_ATTENTION.match(name)
+        new = name
+        if match is not None:
+            prefix, old, suffix = match.groups()
+            new = f"{prefix}{_OLD_ATTENTION_NAMES[old]}.{suffix}"
+        if new in tensors:
+            problems.append(f"{new}: given twice (as {new!r} and under its old name)")
+            continue
+        tensors[new] = value
+    return tensors, problems
+
+
+def _raise_if_problems(
+    headline: str,
+    config: AutoencoderKLConfig,
+    *,
+    missing: Sequence[str] = (),
+    unexpected: Sequence[str] = (),
+    misshaped: Sequence[str] = (),
+    invalid: Sequence[str] = (),
+) -> None:
+    sections = []
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+        ("invalid", invalid),
+    ):
+        if items:
+            listed = "\n".join(f"    {item}" for item in sorted(items)[:_MAX_LISTED])
+            more = len(items) - _MAX_LISTED
+            tail = f"\n    ... and {more} more" if more > 0 else ""
+            sections.append(f"  {len(items)} {title}:\n{listed}{tail}")
+    if sections:
+        raise CheckpointError(
+            f"{headline} (latent_channels={config.latent_channels}, "
+            f"block_out_channels={config.block_out_channels}, "
+            f"layers_per_block={config.layers_per_block}, "
+            f"use_quant_conv={config.use_quant_conv}, "
+            f"use_post_quant_conv={config.use_post_quant_conv}, "
+            f"mid_block_add_attention={config.mid_block_add_attention}):\n" + "\n".join(sections)
+        )
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
+
+
+def _is_floating(dtype: np.dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        # A torch tensor: NumPy has no bfloat16, so widen it first.
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)

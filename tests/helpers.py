@@ -1,0 +1,52 @@
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+import eqx_vae
+
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+# The parity tolerance: max |ours - diffusers| <= RTOL * max |diffusers|, float32.
+RTOL = 1e-4
+
+
+def small_config(**overrides) -> eqx_vae.AutoencoderKLConfig:
+    """A two-level model small enough for fast tests."""
+    levels = len(overrides.get("block_out_channels", (16, 32)))
+    base: dict[str, Any] = dict(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    base.update(overrides)
+    return eqx_vae.AutoencoderKLConfig(**base)
+
+
+def assert_close(actual, expected, rtol: float = RTOL, what: str = "") -> float:
+    """Asserts `max|actual - expected| <= rtol * max|expected|`; returns the ratio."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    ratio = float(np.max(np.abs(actual - expected))) / scale
+    assert ratio <= rtol, f"{what}: max|diff| / max|ref| = {ratio:.3g} > {rtol:g}"
+    return ratio
+
+
+def load_fixture(path: pathlib.Path) -> tuple[eqx_vae.AutoencoderKLConfig, dict, dict]:
+    """A parity fixture: the config, the diffusers state dict and the other arrays."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    config = eqx_vae.AutoencoderKLConfig.from_dict(json.loads(str(arrays.pop("config"))))
+    state_dict = {
+        k.removeprefix("param/"): v.astype(np.float32)
+        for k, v in arrays.items()
+        if k.startswith("param/")
+    }
+    rest = {k: v for k, v in arrays.items() if not k.startswith("param/")}
+    return config, state_dict, rest

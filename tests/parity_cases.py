@@ -1,0 +1,174 @@
+"""Small AutoencoderKL configurations that between them exercise every flag, the
+random weights used for them, and the diffusers reference computation.
+
+Shared by the live parity tests and by `make_fixtures.py`, which stores the
+reference outputs so that parity is also checked where torch is not installed.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+def _config(levels: int, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        **kwargs,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    config: dict[str, Any]
+    image_shape: tuple[int, int, int]
+
+
+CASES = (
+    Case(
+        "one_level_lpb1",
+        _config(1, block_out_channels=[32], layers_per_block=1, norm_num_groups=8),
+        (3, 12, 10),
+    ),
+    Case(
+        "two_levels_lpb3_quant_only_no_attention",
+        _config(
+            2,
+            in_channels=4,
+            out_channels=2,
+            block_out_channels=[16, 32],
+            layers_per_block=3,
+            norm_num_groups=4,
+            latent_channels=16,
+            use_quant_conv=True,
+            use_post_quant_conv=False,
+            mid_block_add_attention=False,
+        ),
+        (4, 16, 22),
+    ),
+    Case(
+        "three_levels_post_quant_only",
+        _config(
+            3,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=[16, 32, 32],
+            layers_per_block=2,
+            norm_num_groups=8,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=True,
+        ),
+        (1, 24, 16),
+    ),
+    Case(
+        "four_levels_no_quant",
+        _config(
+            4,
+            block_out_channels=[8, 16, 32, 32],
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
+        (3, 32, 48),
+    ),
+    Case(
+        "sd_shaped",
+        _config(
+            4,
+            block_out_channels=[16, 32, 48, 48],
+            layers_per_block=2,
+            norm_num_groups=16,
+            latent_channels=4,
+            scaling_factor=0.13025,
+        ),
+        (3, 40, 24),
+    ),
+    Case(
+        "flux_shaped_no_attention",
+        _config(
+            4,
+            block_out_channels=[16, 16, 32, 32],
+            layers_per_block=2,
+            norm_num_groups=16,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=False,
+        ),
+        (3, 16, 32),
+    ),
+)
+
+
+def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Random weights for the given diffusers parameter shapes, scaled so that
+    activations stay of order one, with non-trivial GroupNorm affine parameters.
+
+    The values are representable in float16 (so fixtures can store them in half the
+    space) and returned as float32."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in sorted(shapes.items()):
+        is_norm = "norm" in name.rsplit(".", 2)[-2]
+        if name.endswith(".bias"):
+            value = 0.1 * rng.standard_normal(shape)
+        elif is_norm:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        out[name] = value.astype(np.float16).astype(np.float32)
+    return out
+
+
+def inputs(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image in [-1, 1] and a latent for `case`."""
+    rng = np.random.default_rng(seed + 1)
+    image = rng.uniform(-1.0, 1.0, size=case.image_shape).astype(np.float32)
+    factor = 2 ** (len(case.config["block_out_channels"]) - 1)
+    latent_shape = (
+        case.config.get("latent_channels", 4),
+        case.image_shape[1] // factor,
+        case.image_shape[2] // factor,
+    )
+    latent = rng.standard_normal(latent_shape).astype(np.float32)
+    return image, latent
+
+
+def diffusers_reference(case: Case, seed: int) -> dict[str, np.ndarray]:
+    """Builds the diffusers model for `case` with the random weights, and returns the
+    weights (prefixed `param/`), the inputs and diffusers' outputs."""
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl import (
+        AutoencoderKL as TorchAutoencoderKL,
+    )
+
+    torch.manual_seed(0)
+    model = TorchAutoencoderKL(**case.config).eval()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = random_state_dict(shapes, seed)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+    image, latent = inputs(case, seed)
+    with torch.no_grad():
+        x = torch.from_numpy(image)[None]
+        posterior = model.encode(x).latent_dist  # pyright: ignore[reportAttributeAccessIssue]
+        decoded = model.decode(torch.from_numpy(latent)[None]).sample  # pyright: ignore
+        recon = model(x, sample_posterior=False).sample
+    out = {f"param/{k}": v.astype(np.float16) for k, v in weights.items()}
+    out.update(
+        image=image,
+        latent=latent,
+        mean=posterior.mean[0].numpy(),
+        logvar=posterior.logvar[0].numpy(),
+        kl=posterior.kl()[0].numpy(),
+        decoded=decoded[0].numpy(),
+        reconstruction=recon[0].numpy(),
+    )
+    return out

@@ -1,0 +1,73 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import small_config
+
+import eqx_vae
+from eqx_vae import AutoencoderKLConfig
+
+
+@pytest.mark.parametrize(
+    "config, encode",
+    [
+        (small_config(scaling_factor=0.18215), lambda z: z * 0.18215),
+        (
+            small_config(scaling_factor=1.5305, shift_factor=0.0609),
+            lambda z: (z - 0.0609) * 1.5305,
+        ),
+        (
+            small_config(
+                scaling_factor=0.5,
+                latents_mean=(-1.6574, 1.886, -1.383, 2.5155),
+                latents_std=(8.4927, 5.9022, 6.5498, 5.2299),
+            ),
+            lambda z: (
+                (z - np.array([-1.6574, 1.886, -1.383, 2.5155])[:, None, None])
+                * 0.5
+                / np.array([8.4927, 5.9022, 6.5498, 5.2299])[:, None, None]
+            ),
+        ),
+    ],
+    ids=["sd", "sd3", "playground"],
+)
+def test_latent_scaling_conventions(config, encode, getkey):
+    model = eqx_vae.AutoencoderKL(config, key=getkey())
+    z = jax.random.normal(getkey(), (4, 3, 5)) * 5
+    scaled = model.scale_latents(z)
+    np.testing.assert_allclose(scaled, encode(np.asarray(z, np.float64)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.unscale_latents(scaled), z, rtol=1e-5, atol=1e-5)
+    # Elementwise, so a batch works too.
+    batch = jnp.stack([z, 2 * z])
+    np.testing.assert_allclose(
+        model.scale_latents(batch)[1], model.scale_latents(2 * z), rtol=1e-6
+    )
+
+
+def test_presets_build_abstractly_with_expected_size():
+    import equinox as eqx
+
+    counts = {}
+    for preset in eqx_vae.PRESETS:
+        config = getattr(AutoencoderKLConfig, preset)()
+        skeleton = eqx.filter_eval_shape(
+            eqx_vae.AutoencoderKL.from_config, config, key=jax.random.key(0)
+        )
+        counts[preset] = sum(
+            int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(skeleton)
+        )
+    assert counts["sd15"] == 83_653_863  # diffusers' SD VAE parameter count
+    assert counts["sd15"] == counts["sdxl"] == counts["sd2"] == counts["playground25"]
+    assert counts["sd3"] == counts["flux1"]
+
+
+def test_reconstruction_shapes_for_non_square_inputs(getkey):
+    model = eqx_vae.AutoencoderKL(
+        small_config(in_channels=4, out_channels=2, latent_channels=16), key=getkey()
+    )
+    x = jax.random.uniform(getkey(), (4, 8, 14), minval=-1, maxval=1)
+    posterior = model.encode(x)
+    assert posterior.mean.shape == (16, 4, 7)
+    assert model.decode(posterior.mode()).shape == (2, 8, 14)
+    assert model(x).shape == (2, 8, 14)
+    assert model.spatial_factor == 2 and model.in_channels == 4 and model.out_channels == 2
