@@ -86,7 +86,9 @@ def main() -> None:
         eqx_vae.save(path, model)
         again = eqx_vae.load(path)
         same = bool(jnp.array_equal(decode(again, latents), recon))
-        print(f"saved and reloaded {path.stat().st_size / 2**20:.1f} MiB; identical output: {same}")
+        print(
+            f"saved and reloaded {path.stat().st_size / 2**20:.1f} MiB; identical output: {same}"
+        )
 
 
 if __name__ == "__main__":
