@@ -29,7 +29,7 @@ def test_pattern(height: int, width: int, phase: float) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Encode and decode a batch with eqx_vae.")
     parser.add_argument(
         "--preset",
         choices=["tiny", *eqx_vae.PRESETS],
