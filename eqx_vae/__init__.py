@@ -17,3 +17,10 @@ from ._state_dict import (
     to_diffusers_state_dict as to_diffusers_state_dict,
 )
 from ._version import __version__ as __version__
+from .interop import (
+    from_pretrained as from_pretrained,
+    load_diffusers as load_diffusers,
+    load_single_file as load_single_file,
+    save_diffusers as save_diffusers,
+    save_single_file as save_single_file,
+)

@@ -113,6 +113,8 @@ def atomic_write(path: str | os.PathLike[str]):
     directory = path.parent if str(path.parent) else pathlib.Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates the file private to its owner; give it the usual permissions.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -122,6 +124,12 @@ def atomic_write(path: str | os.PathLike[str]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _read_header(f: "_HashingReader", path: pathlib.Path) -> dict[str, Any]:

@@ -63,20 +63,24 @@ def from_diffusers_state_dict(
     config: AutoencoderKLConfig | Mapping[str, Any],
     *,
     dtype: DTypeLike | None = None,
+    check_finite: bool = False,
 ) -> AutoencoderKL:
     """Builds a model from a diffusers `AutoencoderKL` state dict.
 
     The model structure comes from an `eqx.filter_eval_shape` skeleton, so no random
     initialisation is computed. Both attention naming schemes are accepted
     (`to_q`/`to_k`/`to_v`/`to_out.0`, and the older `query`/`key`/`value`/`proj_attn`).
+    Names and shapes are all checked before any data is converted.
 
     **Arguments:**
 
     - `state_dict`: a mapping from diffusers parameter names to arrays (NumPy arrays,
-        JAX arrays, or anything `np.asarray` accepts, including CPU torch tensors).
+        JAX arrays, CPU torch tensors, or lazily read tensors with `shape`, `dtype` and
+        `read()`, as the file loaders use).
     - `config`: the model's [`eqx_vae.AutoencoderKLConfig`][], or the contents of its
         `config.json`.
     - `dtype`: parameter dtype of the model; float32 by default.
+    - `check_finite`: also refuse parameters that contain NaN or infinity.
 
     **Returns:**
 
@@ -84,50 +88,61 @@ def from_diffusers_state_dict(
 
     **Raises:**
 
-    [`eqx_vae.CheckpointError`][] listing every missing, unexpected and mis-shaped
-    parameter at once.
+    [`eqx_vae.CheckpointError`][] listing every missing, unexpected, mis-shaped and
+    invalid parameter at once.
     """
     if not isinstance(config, AutoencoderKLConfig):
         config = AutoencoderKLConfig.from_dict(config)
+    headline = "Cannot load the state dict into AutoencoderKL"
     skeleton = abstract_model(config)
     tensors, problems = _rename_old_attention(state_dict)
     expected = named_parameters(skeleton)
 
     missing: list[str] = []
     misshaped: list[str] = []
-    arrays: dict[str, np.ndarray] = {}
     for name, leaf in expected:
         if name not in tensors:
             missing.append(f"{name}: expected shape {torch_shape(name, leaf.shape)}")
             continue
-        value = _to_numpy(tensors[name])
-        if value.shape not in (leaf.shape, torch_shape(name, leaf.shape)):
+        shape = _shape_of(tensors[name])
+        if shape not in (leaf.shape, torch_shape(name, leaf.shape)):
             misshaped.append(
-                f"{name}: checkpoint has shape {value.shape}, model expects "
+                f"{name}: checkpoint has shape {shape}, model expects "
                 f"{torch_shape(name, leaf.shape)}"
             )
-        elif not _is_floating(value.dtype):
-            problems.append(f"{name}: dtype {value.dtype} is not floating point")
-        else:
-            arrays[name] = value.reshape(leaf.shape)
+        elif _dtype_name(tensors[name]) not in _FLOATING:
+            problems.append(f"{name}: dtype {_dtype_name(tensors[name])} is not floating point")
     known = {name for name, _ in expected}
     unexpected = [
-        f"{name}: shape {tuple(getattr(value, 'shape', ()))}"
-        for name, value in tensors.items()
-        if name not in known
+        f"{name}: shape {_shape_of(value)}" for name, value in tensors.items() if name not in known
     ]
     _raise_if_problems(
-        "Cannot load the state dict into AutoencoderKL",
+        headline,
         config,
         missing=missing,
         unexpected=unexpected,
         misshaped=misshaped,
         invalid=problems,
     )
-    out_dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
-    treedef = jax.tree_util.tree_structure(skeleton)
-    leaves = [jnp.asarray(arrays[name], dtype=out_dtype) for name, _ in expected]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    out_dtype = np.dtype(jnp.dtype(jnp.float32 if dtype is None else dtype))
+    leaves = []
+    non_finite = []
+    for name, leaf in expected:
+        array, owned = _materialise(tensors[name])
+        array = array.reshape(leaf.shape)
+        if array.dtype != out_dtype:
+            converted = aligned_empty(array.shape, out_dtype)
+            np.copyto(converted, array, casting="unsafe")
+            array, owned = converted, True
+        if check_finite and not np.all(np.isfinite(array)):
+            count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            non_finite.append(f"{name}: {count} of {array.size} values are NaN or infinite")
+        # An array nothing else references can become the JAX array without a copy.
+        leaves.append(jax.device_put(array) if owned else jnp.array(array))
+        del array
+    _raise_if_problems(headline, config, invalid=non_finite)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), leaves)
 
 
 def to_diffusers_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
@@ -191,15 +206,45 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
 
 
-def _is_floating(dtype: np.dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating)
+# XLA's CPU client adopts a host buffer aligned to 64 bytes as a JAX array without
+# copying it, and copies less aligned ones.
+_ALIGNMENT = 64
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A new uninitialised array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+_FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in getattr(value, "shape", np.shape(value)))
+
+
+def _dtype_name(value: Any) -> str:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return np.asarray(value).dtype.name
+    if str(dtype).startswith("torch."):
+        return str(dtype).removeprefix("torch.")
+    return np.dtype(dtype).name
+
+
+def _materialise(value: Any) -> tuple[np.ndarray, bool]:
+    """The value as a NumPy array, and whether that array is a fresh buffer nothing
+    else references (so that it may back a JAX array without a copy)."""
+    if callable(getattr(value, "read", None)):
+        return value.read(), True
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         # A torch tensor: NumPy has no bfloat16, so widen it first.
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
+            return value.float().numpy(), True
+        return value.numpy(), False
+    return np.asarray(value), False

@@ -49,3 +49,16 @@ def require_torch():
         pytest.skip("torch and diffusers are not installed (pip install -e '.[parity]')")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return torch, diffusers
+
+
+def require(module: str):
+    """Imports an optional test requirement; like `require_torch`, a missing install
+    fails in CI instead of skipping."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{module} is not installed (pip install -e '.[parity]')")

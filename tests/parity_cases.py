@@ -142,33 +142,45 @@ def inputs(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image, latent
 
 
-def diffusers_reference(case: Case, seed: int) -> dict[str, np.ndarray]:
-    """Builds the diffusers model for `case` with the random weights, and returns the
-    weights (prefixed `param/`), the inputs and diffusers' outputs."""
+def diffusers_model(config: dict[str, Any], seed: int):
+    """A diffusers `AutoencoderKL` with `random_state_dict` weights, in eval mode."""
     import torch
     from diffusers.models.autoencoders.autoencoder_kl import (
         AutoencoderKL as TorchAutoencoderKL,
     )
 
     torch.manual_seed(0)
-    model = TorchAutoencoderKL(**case.config).eval()
+    model = TorchAutoencoderKL(**config).eval()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     weights = random_state_dict(shapes, seed)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
-    image, latent = inputs(case, seed)
+    return model
+
+
+def torch_outputs(model, image: np.ndarray, latent: np.ndarray) -> dict[str, np.ndarray]:
+    """A diffusers model's posterior, decode and round trip for one image and latent."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        x = torch.from_numpy(image)[None]
+        x = torch.from_numpy(image)[None].to(dtype)
         posterior = model.encode(x).latent_dist  # pyright: ignore[reportAttributeAccessIssue]
-        decoded = model.decode(torch.from_numpy(latent)[None]).sample  # pyright: ignore
+        decoded = model.decode(torch.from_numpy(latent)[None].to(dtype)).sample  # pyright: ignore
         recon = model(x, sample_posterior=False).sample
-    out = {f"param/{k}": v.astype(np.float16) for k, v in weights.items()}
-    out.update(
-        image=image,
-        latent=latent,
-        mean=posterior.mean[0].numpy(),
-        logvar=posterior.logvar[0].numpy(),
-        kl=posterior.kl()[0].numpy(),
-        decoded=decoded[0].numpy(),
-        reconstruction=recon[0].numpy(),
-    )
+    return {
+        "mean": posterior.mean[0].float().numpy(),
+        "logvar": posterior.logvar[0].float().numpy(),
+        "kl": posterior.kl()[0].float().numpy(),
+        "decoded": decoded[0].float().numpy(),
+        "reconstruction": recon[0].float().numpy(),
+    }
+
+
+def diffusers_reference(case: Case, seed: int) -> dict[str, np.ndarray]:
+    """Builds the diffusers model for `case` with the random weights, and returns the
+    weights (prefixed `param/`), the inputs and diffusers' outputs."""
+    model = diffusers_model(case.config, seed)
+    image, latent = inputs(case, seed)
+    out = {f"param/{k}": v.numpy().astype(np.float16) for k, v in model.state_dict().items()}
+    out.update(image=image, latent=latent, **torch_outputs(model, image, latent))
     return out

@@ -149,3 +149,13 @@ def test_truncated_and_corrupted_files(model, tmp_path):
     path.write_bytes(data + b"\x00")
     with pytest.raises(CheckpointError, match="after its checksum"):
         eqx_vae.load(path)
+
+
+def test_written_files_get_the_usual_permissions(model, tmp_path):
+    (tmp_path / "plain").write_bytes(b"")
+    eqx_vae.save(tmp_path / "model.eqx", model)
+    eqx_vae.save_diffusers(model, tmp_path / "folder")
+    expected = (tmp_path / "plain").stat().st_mode
+    assert (tmp_path / "model.eqx").stat().st_mode == expected
+    for path in (tmp_path / "folder").iterdir():
+        assert path.stat().st_mode == expected, path

@@ -1,0 +1,3 @@
+"""The `eqx-vae` command line."""
+
+from ._main import main as main

@@ -1,0 +1,26 @@
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .._errors import CheckpointError
+from . import _convert
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `eqx-vae` with `argv` (by default the process arguments); returns the exit
+    status."""
+    parser = argparse.ArgumentParser(
+        prog="eqx-vae", description="The Stable Diffusion family's KL autoencoder in JAX."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (_convert,):
+        module.add_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"eqx-vae {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"eqx-vae {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,186 @@
+"""diffusers model folders: `config.json` next to `diffusion_pytorch_model.safetensors`
+(or a sharded checkpoint with an `.index.json`), possibly under a pipeline's `vae/`."""
+
+import contextlib
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._autoencoder import AutoencoderKL
+from .._config import AutoencoderKLConfig
+from .._custom_types import DTypeLike
+from .._errors import CheckpointError
+from .._serialisation import atomic_write
+from .._state_dict import from_diffusers_state_dict, to_diffusers_state_dict
+from ._safetensors import SafetensorsFile, TensorRef, write_safetensors
+from ._torch_files import load_torch_file
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+CONFIG_NAME = "config.json"
+# The diffusers release whose file layout `save_diffusers` writes.
+DIFFUSERS_VERSION = "0.32.0"
+
+
+def resolve_model_folder(
+    path: str | os.PathLike[str], subfolder: str | None = "vae"
+) -> pathlib.Path:
+    """The folder holding `config.json`: `path` itself, or `path/subfolder` for a
+    pipeline folder."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder.")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if subfolder and (path / subfolder / CONFIG_NAME).is_file():
+        return path / subfolder
+    where = f" or in its {subfolder!r} subfolder" if subfolder else ""
+    raise CheckpointError(f"{path} has no {CONFIG_NAME}{where}; is it a diffusers model folder?")
+
+
+def load_diffusers(
+    path: str | os.PathLike[str],
+    *,
+    dtype: DTypeLike | None = None,
+    variant: str | None = None,
+    subfolder: str | None = "vae",
+    check_finite: bool = False,
+) -> AutoencoderKL:
+    """Loads a diffusers `AutoencoderKL` folder.
+
+    **Arguments:**
+
+    - `path`: a folder with `config.json` and `diffusion_pytorch_model.safetensors`
+        (or a sharded `diffusion_pytorch_model.safetensors.index.json` with its shards),
+        or a pipeline folder whose `subfolder` (by default `vae/`) is one.
+    - `dtype`: parameter dtype: `jnp.float32` (the default), `jnp.bfloat16` or
+        `jnp.float16`, whatever the files store.
+    - `variant`: load `diffusion_pytorch_model.<variant>.safetensors`, e.g. `"fp16"`.
+    - `subfolder`: the subfolder of a pipeline folder to look in.
+    - `check_finite`: refuse weights that contain NaN or infinity.
+
+    **Returns:**
+
+    An [`eqx_vae.AutoencoderKL`][], read tensor by tensor straight into the arrays it
+    keeps (no random initialisation, no second copy of the weights).
+
+    **Raises:**
+
+    [`eqx_vae.CheckpointError`][] for a missing, truncated or damaged file, a config that
+    does not match the weights, or weights that do not fit the model (all reported at
+    once).
+    """
+    folder = resolve_model_folder(path, subfolder)
+    config = read_config(folder / CONFIG_NAME)
+    with contextlib.ExitStack() as stack:
+        tensors = _open_weights(folder, variant, stack)
+        try:
+            return from_diffusers_state_dict(
+                tensors, config, dtype=dtype, check_finite=check_finite
+            )
+        except CheckpointError as e:
+            raise CheckpointError(f"{folder}: {e}") from None
+
+
+def read_config(path: pathlib.Path) -> AutoencoderKLConfig:
+    """Reads and validates a diffusers `config.json`."""
+    try:
+        contents = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Cannot read {path}: {e}") from e
+    try:
+        return AutoencoderKLConfig.from_dict(contents)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid AutoencoderKL config: {e}") from e
+
+
+def _open_weights(
+    folder: pathlib.Path, variant: str | None, stack: contextlib.ExitStack
+) -> Mapping[str, Any]:
+    stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return stack.enter_context(SafetensorsFile(single))
+    if index.is_file():
+        return _open_shards(index, stack)
+    pickled = folder / f"{stem}.bin"
+    if pickled.is_file():
+        return load_torch_file(pickled)
+    present = sorted(p.name for p in folder.iterdir() if WEIGHTS_NAME in p.name)
+    hint = f"; present: {present}" if present else ""
+    variant_hint = "" if variant is None else f" (variant={variant!r})"
+    raise CheckpointError(f"{folder} has no {single.name} or {index.name}{variant_hint}{hint}.")
+
+
+def _open_shards(index: pathlib.Path, stack: contextlib.ExitStack) -> dict[str, TensorRef]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index: {e}") from e
+    tensors: dict[str, TensorRef] = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard_path = index.parent / shard_name
+        if pathlib.Path(shard_name).name != shard_name or not shard_path.is_file():
+            raise CheckpointError(f"{index} names the shard {shard_name!r}, which is missing.")
+        shard = stack.enter_context(SafetensorsFile(shard_path))
+        for name in shard:
+            if weight_map.get(name) != shard_name:
+                raise CheckpointError(
+                    f"{shard_path} holds {name!r}, which {index.name} places in "
+                    f"{weight_map.get(name)!r}."
+                )
+            tensors[name] = shard[name]
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise CheckpointError(f"{index} lists tensors that no shard holds: {absent[:10]}.")
+    return tensors
+
+
+def save_diffusers(
+    model: AutoencoderKL,
+    path: str | os.PathLike[str],
+    *,
+    dtype: DTypeLike | None = None,
+    variant: str | None = None,
+) -> None:
+    """Writes `model` as a diffusers model folder (`config.json` and
+    `diffusion_pytorch_model[.variant].safetensors`) that
+    `diffusers.AutoencoderKL.from_pretrained` loads.
+
+    Each file is written under a temporary name and renamed into place, weights first,
+    so no file in `path` is ever half-written.
+
+    **Arguments:**
+
+    - `model`: an [`eqx_vae.AutoencoderKL`][].
+    - `path`: the folder; created if missing.
+    - `dtype`: the dtype to store, e.g. `jnp.float16`; by default the model's.
+    - `variant`: write `diffusion_pytorch_model.<variant>.safetensors`.
+    """
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = to_diffusers_state_dict(model)
+    if dtype is not None:
+        np_dtype = np.dtype(jnp.dtype(dtype))
+        state_dict = {k: v.astype(np_dtype) for k, v in state_dict.items()}
+    stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
+    write_safetensors(folder / f"{stem}.safetensors", state_dict, metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["_diffusers_version"] = DIFFUSERS_VERSION
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    """Writes a text file atomically."""
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))

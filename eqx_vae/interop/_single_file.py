@@ -1,0 +1,340 @@
+"""Original single-file checkpoints: CompVis/SGM `.ckpt`/`.safetensors` (whole models
+with a `first_stage_model.` prefix, or VAE-only files such as `sd-vae-ft-mse`), FLUX's
+`ae.safetensors` and SD3 files with a `vae.` prefix, all with the LDM parameter names."""
+
+import dataclasses
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._autoencoder import AutoencoderKL
+from .._config import PRESETS, AutoencoderKLConfig
+from .._custom_types import DTypeLike
+from .._errors import CheckpointError
+from .._state_dict import (
+    abstract_model,
+    from_diffusers_state_dict,
+    named_parameters,
+    to_diffusers_state_dict,
+)
+from ._safetensors import SafetensorsFile, write_safetensors
+from ._torch_files import PICKLE_SUFFIXES, load_torch_file
+
+
+_PREFIXES = ("first_stage_model.", "vae.")
+# Parts of VAE training checkpoints that are not the autoencoder.
+_IGNORED = ("loss.", "model_ema.")
+# Keys of whole-model checkpoints that identify the family, checked in this order.
+_FAMILY_MARKERS = (
+    ("edm_mean", "playground25"),
+    ("conditioner.embedders.1.", "sdxl"),
+    ("model.diffusion_model.joint_blocks.", "sd3"),
+    ("double_blocks.", "flux1"),
+    ("cond_stage_model.model.transformer.", "sd2"),
+    ("cond_stage_model.transformer.", "sd15"),
+)
+# GroupNorm groups are not stored in a checkpoint; every published model uses 32.
+_DEFAULT_GROUPS = 32
+
+
+def load_single_file(
+    path: str | os.PathLike[str],
+    *,
+    config: AutoencoderKLConfig | Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    dtype: DTypeLike | None = None,
+    check_finite: bool = False,
+) -> AutoencoderKL:
+    """Loads the autoencoder of an original (CompVis, SGM, FLUX) single-file checkpoint.
+
+    The architecture (channels, levels, layers per block, latent channels, quant convs,
+    mid attention) is read off the tensor shapes. The latent scaling cannot be: it
+    comes from `preset` or `config`, or, for whole-model checkpoints, from the model
+    family their other weights identify. A VAE-only file without either raises.
+
+    **Arguments:**
+
+    - `path`: a `.safetensors` file, or a PyTorch pickle (`.ckpt`, `.pt`, `.pth`,
+        `.bin`), which is read with `torch.load(weights_only=True)` and needs torch.
+    - `config`: the full configuration, when it is known.
+    - `preset`: the model family, one of `eqx_vae.PRESETS` (`"sd15"` for
+        `sd-vae-ft-mse`/`-ema`, `"sdxl"`, `"sd3"`, `"flux1"` for FLUX's `ae.safetensors`,
+        ...); the file's architecture must match it.
+    - `dtype`: parameter dtype; float32 by default.
+    - `check_finite`: refuse weights that contain NaN or infinity.
+
+    **Returns:**
+
+    An [`eqx_vae.AutoencoderKL`][].
+    """
+    if config is not None and preset is not None:
+        raise ValueError("Pass `config` or `preset`, not both.")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown `preset={preset!r}`; choose one of {list(PRESETS)}.")
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file.")
+    if path.suffix in PICKLE_SUFFIXES:
+        return _load(path, load_torch_file(path), config, preset, dtype, check_finite)
+    with SafetensorsFile(path) as tensors:
+        return _load(path, tensors, config, preset, dtype, check_finite)
+
+
+def _load(
+    path: pathlib.Path,
+    tensors: Mapping[str, Any],
+    config: AutoencoderKLConfig | Mapping[str, Any] | None,
+    preset: str | None,
+    dtype: DTypeLike | None,
+    check_finite: bool,
+) -> AutoencoderKL:
+    ldm = _strip_prefix(tensors)
+    if any(name.startswith("encoder.down_blocks.") for name in ldm):
+        # The same weights under diffusers' names: rename them to the LDM ones.
+        levels = len(
+            {name.split(".")[2] for name in ldm if name.startswith("encoder.down_blocks.")}
+        )
+        ldm = {to_ldm_name(name, levels): value for name, value in ldm.items()}
+    if not any(name.startswith(("encoder.", "decoder.")) for name in ldm):
+        raise CheckpointError(
+            f"{path} holds no autoencoder weights (no `encoder.*`/`decoder.*` keys, with or "
+            f"without a prefix among {list(_PREFIXES)})."
+        )
+    if config is None:
+        inferred = infer_config(ldm, path)
+        if preset is None:
+            preset = _family(tensors)
+        if preset is None:
+            raise CheckpointError(_ambiguous_message(path, inferred))
+        config = _preset_matching(path, preset, inferred)
+    elif not isinstance(config, AutoencoderKLConfig):
+        config = AutoencoderKLConfig.from_dict(config)
+    names = ldm_names(config)
+    state_dict = {names.get(name, name): _squeeze_attention(name, t) for name, t in ldm.items()}
+    try:
+        return from_diffusers_state_dict(
+            state_dict, config, dtype=dtype, check_finite=check_finite
+        )
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} (names given in diffusers form): {e}") from None
+
+
+def _strip_prefix(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    for prefix in _PREFIXES:
+        if any(name.startswith(prefix + "encoder.") for name in tensors):
+            return {
+                name.removeprefix(prefix): value
+                for name, value in tensors.items()
+                if name.startswith(prefix)
+                and not name.startswith(tuple(prefix + i for i in _IGNORED))
+            }
+    return {name: value for name, value in tensors.items() if not name.startswith(_IGNORED)}
+
+
+def _family(tensors: Mapping[str, Any]) -> str | None:
+    for marker, preset in _FAMILY_MARKERS:
+        if any(marker in name for name in tensors):
+            return preset
+    return None
+
+
+def _ambiguous_message(path: pathlib.Path, inferred: AutoencoderKLConfig) -> str:
+    candidates = [
+        p
+        for p in PRESETS
+        if getattr(AutoencoderKLConfig, p)().latent_channels == inferred.latent_channels
+    ]
+    return (
+        f"{path} holds only an autoencoder with {inferred.latent_channels} latent channels, "
+        "and the latent scaling of a VAE cannot be read off its weights. Pass "
+        f"`preset=` (for this file one of {candidates or list(PRESETS)}; all presets: "
+        f"{list(PRESETS)}) or a full `config=`."
+    )
+
+
+_ARCHITECTURE_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+)
+
+
+def _preset_matching(
+    path: pathlib.Path, preset: str, inferred: AutoencoderKLConfig
+) -> AutoencoderKLConfig:
+    config = getattr(AutoencoderKLConfig, preset)()
+    differences = [
+        f"{name}: file {getattr(inferred, name)!r}, preset {getattr(config, name)!r}"
+        for name in _ARCHITECTURE_FIELDS
+        if getattr(inferred, name) != getattr(config, name)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path} does not have the {preset!r} architecture ({'; '.join(differences)}). "
+            "Pass a full `config=` for a custom architecture."
+        )
+    return config
+
+
+def infer_config(
+    ldm: Mapping[str, Any], path: pathlib.Path | str = "the checkpoint"
+) -> AutoencoderKLConfig:
+    """The architecture of an LDM-named autoencoder state dict, read off its shapes,
+    with SD 1.x's latent scaling (which the weights cannot tell)."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in ldm:
+            raise CheckpointError(f"Cannot infer the architecture of {path}: it has no {name!r}.")
+        return tuple(int(d) for d in ldm[name].shape)
+
+    levels = _count_levels(path, ldm)
+    blocks = {
+        int(m.group(1))
+        for name in ldm
+        if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", name))
+    }
+    channels = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels))
+    moments = shape("encoder.conv_out.weight")[0]
+    groups = _DEFAULT_GROUPS
+    if any(c % groups for c in channels):
+        raise CheckpointError(
+            f"{path} has level widths {channels}, which {groups} GroupNorm groups (the number "
+            "every published model uses, and which checkpoints do not store) do not divide; "
+            "pass a full `config=`."
+        )
+    try:
+        return AutoencoderKLConfig(
+            in_channels=shape("encoder.conv_in.weight")[1],
+            out_channels=shape("decoder.conv_out.weight")[0],
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=channels,
+            layers_per_block=len(blocks),
+            latent_channels=moments // 2,
+            norm_num_groups=groups,
+            use_quant_conv="quant_conv.weight" in ldm,
+            use_post_quant_conv="post_quant_conv.weight" in ldm,
+            mid_block_add_attention="encoder.mid.attn_1.q.weight" in ldm,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"Cannot infer the architecture of {path}: {e}") from e
+
+
+def _count_levels(path: pathlib.Path | str, ldm: Mapping[str, Any]) -> int:
+    levels = {int(m.group(1)) for name in ldm if (m := re.match(r"encoder\.down\.(\d+)\.", name))}
+    if not levels or levels != set(range(len(levels))):
+        raise CheckpointError(
+            f"{path} has encoder levels {sorted(levels)}; expected 0, 1, ... (LDM names "
+            "`encoder.down.<i>.block.<j>`)."
+        )
+    return len(levels)
+
+
+# Diffusers -> LDM name substitutions, applied in order.
+_TO_LDM = (
+    (r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1."),
+    (r"\.resnets\.(\d+)\.(?=norm|conv)", r".block.\1."),
+    (r"\.downsamplers\.0\.", ".downsample."),
+    (r"\.upsamplers\.0\.", ".upsample."),
+    (r"\.mid_block\.block\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.block\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+)
+
+
+def to_ldm_name(name: str, levels: int) -> str:
+    """The LDM name of a diffusers parameter name. The decoder's levels are numbered
+    from the latent side in diffusers and from the image side in LDM."""
+    name = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", name
+    )
+    for pattern, replacement in _TO_LDM:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def ldm_names(config: AutoencoderKLConfig) -> dict[str, str]:
+    """LDM name -> diffusers name, for every parameter of a model with `config`."""
+    levels = len(config.block_out_channels)
+    return {
+        to_ldm_name(name, levels): name for name, _ in named_parameters(abstract_model(config))
+    }
+
+
+_ATTENTION_CONV = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Squeezed:
+    """A `(C, C, 1, 1)` convolution weight read as the `(C, C)` linear weight it is."""
+
+    tensor: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.shape[:2])
+
+    @property
+    def dtype(self) -> Any:
+        return self.tensor.dtype
+
+    def read(self) -> np.ndarray:
+        read = getattr(self.tensor, "read", None)
+        array: np.ndarray
+        if callable(read):
+            array = np.asarray(read())
+        elif hasattr(self.tensor, "detach"):  # a torch tensor; NumPy has no bfloat16
+            array = np.array(self.tensor.detach().cpu().float().numpy())
+        else:
+            array = np.array(self.tensor)
+        return array.reshape(self.shape)
+
+
+def _squeeze_attention(name: str, tensor: Any) -> Any:
+    """The LDM attention projections are 1x1 convolutions; diffusers' are linear maps.
+    Only exactly `(C, C, 1, 1)` is squeezed; any other shape is left to be reported."""
+    shape = tuple(getattr(tensor, "shape", ()))
+    if _ATTENTION_CONV.fullmatch(name) and len(shape) == 4 and shape[2:] == (1, 1):
+        return _Squeezed(tensor)
+    return tensor
+
+
+def save_single_file(
+    model: AutoencoderKL, path: str | os.PathLike[str], *, dtype: DTypeLike | None = None
+) -> None:
+    """Writes `model` as a VAE-only single file with the original LDM names (attention
+    projections as `(C, C, 1, 1)` convolutions), like `sd-vae-ft-mse`'s or FLUX's
+    `ae.safetensors`. Written to a temporary name first, then renamed.
+
+    **Arguments:**
+
+    - `model`: an [`eqx_vae.AutoencoderKL`][].
+    - `path`: the `.safetensors` file to write.
+    - `dtype`: the dtype to store; by default the model's.
+    """
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
+    levels = len(model.config.block_out_channels)
+    tensors = {}
+    for name, value in to_diffusers_state_dict(model).items():
+        ldm = to_ldm_name(name, levels)
+        if _ATTENTION_CONV.fullmatch(ldm):
+            value = value.reshape(*value.shape, 1, 1)
+        if dtype is not None:
+            value = value.astype(np.dtype(jnp.dtype(dtype)))
+        tensors[ldm] = value
+    write_safetensors(path, tensors, metadata={"format": "pt"})
