@@ -13,6 +13,7 @@ from ._custom_types import DTypeLike, KeyArray
 from ._decoder import Decoder
 from ._distribution import DiagonalGaussian
 from ._encoder import Encoder
+from ._init import default_init
 
 
 class AutoencoderKL(eqx.Module):
@@ -57,40 +58,11 @@ class AutoencoderKL(eqx.Module):
                 f"`config` must be an AutoencoderKLConfig, got {type(config).__name__}; "
                 "use `AutoencoderKL.from_config` for a dict."
             )
-        k_enc, k_dec, k_quant, k_post = jax.random.split(key, 4)
-        c = config
-        self.config = c
-        self.encoder = Encoder(
-            c.in_channels,
-            c.latent_channels,
-            c.block_out_channels,
-            c.layers_per_block,
-            c.norm_num_groups,
-            c.mid_block_add_attention,
-            dtype,
-            key=k_enc,
-        )
-        self.decoder = Decoder(
-            c.latent_channels,
-            c.out_channels,
-            c.block_out_channels,
-            c.layers_per_block,
-            c.norm_num_groups,
-            c.mid_block_add_attention,
-            dtype,
-            key=k_dec,
-        )
-        moments = 2 * c.latent_channels
-        self.quant_conv = (
-            eqx.nn.Conv2d(moments, moments, 1, dtype=dtype, key=k_quant)
-            if c.use_quant_conv
-            else None
-        )
-        self.post_quant_conv = (
-            eqx.nn.Conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, key=k_post)
-            if c.use_post_quant_conv
-            else None
-        )
+        self.config = config
+        # Build the structure abstractly, then draw all parameters in one sweep (see
+        # `default_init`): far faster than initialising layer by layer.
+        parts = default_init(eqx.filter_eval_shape(_build_parts, config, dtype), key)
+        self.encoder, self.decoder, self.quant_conv, self.post_quant_conv = parts
 
     @classmethod
     def from_config(
@@ -226,6 +198,44 @@ def _broadcast_stats(
         jnp.asarray(np.reshape(mean, shape), z.dtype),
         jnp.asarray(np.reshape(std, shape), z.dtype),
     )
+
+
+def _build_parts(
+    c: AutoencoderKLConfig, dtype: DTypeLike | None
+) -> tuple[Encoder, Decoder, eqx.nn.Conv2d | None, eqx.nn.Conv2d | None]:
+    """The model's layers, with throwaway initial values (used under
+    `eqx.filter_eval_shape`, which only keeps their shapes)."""
+    k_enc, k_dec, k_quant, k_post = jax.random.split(jax.random.key(0), 4)
+    encoder = Encoder(
+        c.in_channels,
+        c.latent_channels,
+        c.block_out_channels,
+        c.layers_per_block,
+        c.norm_num_groups,
+        c.mid_block_add_attention,
+        dtype,
+        key=k_enc,
+    )
+    decoder = Decoder(
+        c.latent_channels,
+        c.out_channels,
+        c.block_out_channels,
+        c.layers_per_block,
+        c.norm_num_groups,
+        c.mid_block_add_attention,
+        dtype,
+        key=k_dec,
+    )
+    moments = 2 * c.latent_channels
+    quant_conv = (
+        eqx.nn.Conv2d(moments, moments, 1, dtype=dtype, key=k_quant) if c.use_quant_conv else None
+    )
+    post_quant_conv = (
+        eqx.nn.Conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, key=k_post)
+        if c.use_post_quant_conv
+        else None
+    )
+    return encoder, decoder, quant_conv, post_quant_conv
 
 
 def _check_input(x: Any, method: str, what: str, channels: int, multiple: int) -> None:

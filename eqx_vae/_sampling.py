@@ -1,4 +1,5 @@
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -86,6 +87,48 @@ class Upsample2D(eqx.Module):
     def call_hwc(
         self, x: Float[Array, "h w {self.channels}"]
     ) -> Float[Array, "2*h 2*w {self.channels}"]:
-        """The same computation on a channels-last image."""
-        x = jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
-        return conv_hwc(self.conv, x)
+        """The same computation on a channels-last image.
+
+        Nearest-neighbour upsampling repeats each pixel in a 2x2 block, so each of the
+        four output phases `(2i + a, 2j + b)` of the 3x3 convolution sees only two
+        distinct rows and two distinct columns of the input. Summing the kernel taps
+        that fall on the same input pixel gives four 2x2 convolutions of the
+        low-resolution map: the same result with 4/9 of the multiplications and without
+        the upsampled intermediate.
+        """
+        return upsample_conv_hwc(self.conv, x)
+
+
+def _phase_kernels(weight: Array, axis: int) -> tuple[Array, Array]:
+    """The two 2-tap kernels, along `axis`, of a 3-tap kernel applied after
+    nearest-neighbour upsampling: even outputs read `(i - 1, i)` with taps
+    `(w0, w1 + w2)`, odd outputs read `(i, i + 1)` with taps `(w0 + w1, w2)`."""
+    w0, w1, w2 = (jnp.take(weight, i, axis=axis) for i in range(3))
+    return jnp.stack([w0, w1 + w2], axis=axis), jnp.stack([w0 + w1, w2], axis=axis)
+
+
+def upsample_conv_hwc(conv: eqx.nn.Conv2d, x: Float[Array, "h w c"]) -> Float[Array, "2*h 2*w o"]:
+    """`conv(nearest_upsample_2x(x))` for a 3x3 convolution with padding 1, as four
+    2x2 convolutions of `x`, interleaved."""
+    h, w, _ = x.shape
+    weight = conv.weight.astype(x.dtype)
+    padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
+    rows = []
+    for a, row_kernel in enumerate(_phase_kernels(weight, 2)):
+        phases = []
+        for b, kernel in enumerate(_phase_kernels(row_kernel, 3)):
+            window = padded[a : a + h + 1, b : b + w + 1]
+            phases.append(
+                jax.lax.conv_general_dilated(
+                    window[None],
+                    kernel,
+                    window_strides=(1, 1),
+                    padding="VALID",
+                    dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                )[0]
+            )
+        rows.append(jnp.stack(phases, axis=2))  # (h, w, 2, o): b interleaved
+    y = jnp.stack(rows, axis=1).reshape(2 * h, 2 * w, -1)  # a interleaved
+    if conv.bias is not None:
+        y = y + conv.bias.reshape(1, 1, -1).astype(x.dtype)
+    return y

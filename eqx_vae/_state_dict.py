@@ -11,6 +11,7 @@ from ._autoencoder import AutoencoderKL
 from ._config import AutoencoderKLConfig
 from ._custom_types import DTypeLike
 from ._errors import CheckpointError
+from ._host_arrays import aligned_empty
 
 
 # Attention parameter names written by diffusers before 0.14.
@@ -204,20 +205,6 @@ def _raise_if_problems(
 
 def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
-
-
-# XLA's CPU client adopts a host buffer aligned to 64 bytes as a JAX array without
-# copying it, and copies less aligned ones.
-_ALIGNMENT = 64
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A new uninitialised array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    offset = -raw.ctypes.data % _ALIGNMENT
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 _FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})

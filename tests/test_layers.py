@@ -222,3 +222,28 @@ def test_dtype_argument_sets_parameter_dtype(getkey):
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
     out = model.decode(jnp.zeros((4, 4, 4), jnp.bfloat16))
     assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_initialisation_matches_pytorch_defaults(getkey):
+    from helpers import small_config
+
+    model = eqx_vae.AutoencoderKL(small_config(), key=getkey())
+    again = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(5678))
+    assert not np.array_equal(model.encoder.conv_in.weight, again.encoder.conv_in.weight)
+    conv = model.decoder.up_blocks[0].resnets[0].conv1  # 32 -> 32 channels, 3x3
+    bound = 1 / np.sqrt(32 * 9)
+    for values in (np.asarray(conv.weight), np.asarray(conv.bias)):
+        assert values.min() >= -bound and values.max() <= bound
+    assert abs(np.asarray(conv.weight).std() - bound / np.sqrt(3)) < 0.05 * bound
+    linear = model.encoder.mid_block.attentions[0].to_q
+    assert np.abs(np.asarray(linear.weight)).max() <= 1 / np.sqrt(32)
+    norm = model.decoder.conv_norm_out
+    np.testing.assert_array_equal(norm.weight, 1.0)
+    np.testing.assert_array_equal(norm.bias, 0.0)
+    # The same key gives the same model.
+    key = getkey()
+    eager = eqx_vae.AutoencoderKL(small_config(), key=key)
+    np.testing.assert_array_equal(
+        eager.decoder.conv_out.weight,
+        eqx_vae.AutoencoderKL(small_config(), key=key).decoder.conv_out.weight,
+    )

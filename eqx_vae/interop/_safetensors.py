@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from .._errors import CheckpointError
+from .._host_arrays import aligned_empty
 from .._serialisation import atomic_write
-from .._state_dict import aligned_empty
 
 
 _DTYPES: dict[str, np.dtype] = {
