@@ -30,10 +30,13 @@ def default_init(skeleton: _Tree, key: KeyArray) -> _Tree:
     `jax.random` is used instead, so building abstractly costs nothing.
     """
     layers, treedef = jax.tree_util.tree_flatten(skeleton, is_leaf=_is_layer)
-    concrete = not isinstance(key, jax.core.Tracer)
-    if concrete:
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-        draw = _numpy_uniform(rng)
+    try:
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        concrete = True
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        seed, concrete = None, False
+    if seed is not None:
+        draw = _numpy_uniform(np.random.default_rng(seed))
     else:
         keys = iter(jax.random.split(key, 2 * len(layers)))
         draw = _jax_uniform(keys)
