@@ -8,6 +8,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._config import AutoencoderKLConfig
+from ._context import Context, resolve_compute_dtype
 from ._conv import conv_hwc, to_chw, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._decoder import Decoder
@@ -107,13 +108,32 @@ class AutoencoderKL(eqx.Module):
         """How many image pixels one latent pixel spans along each axis."""
         return self.config.spatial_factor
 
-    def encode(self, x: Float[Array, "{self.in_channels} h w"]) -> DiagonalGaussian:
+    @property
+    def dtype(self) -> np.dtype:
+        """The parameters' dtype (the default compute dtype)."""
+        return np.dtype(self.encoder.conv_in.weight.dtype)
+
+    def context(self, dtype: DTypeLike | None = None) -> Context:
+        """The execution context for computing in `dtype` (by default the parameters'),
+        after the precision policy: float16 on a model whose config sets
+        `force_upcast` computes in float32."""
+        compute = resolve_compute_dtype(dtype, self.dtype, self.config.force_upcast)
+        return Context(compute_dtype=compute)
+
+    def encode(
+        self, x: Float[Array, "{self.in_channels} h w"], *, dtype: DTypeLike | None = None
+    ) -> DiagonalGaussian:
         """Encodes an image to the latent posterior.
 
         **Arguments:**
 
         - `x`: an unbatched image in `[-1, 1]` of shape `(in_channels, height, width)`;
             height and width must be multiples of `spatial_factor`.
+        - `dtype`: the compute dtype, by default the parameters'. In `bfloat16` or
+            `float16` the convolutions and matmuls take half-precision inputs while
+            normalisation, softmax, accumulation and the activations between layers stay
+            in float32 (so nothing overflows); `float16` on a model whose config sets
+            `force_upcast` computes in float32, as diffusers does.
 
         **Returns:**
 
@@ -121,39 +141,59 @@ class AutoencoderKL(eqx.Module):
         `(latent_channels, height / f, width / f)`.
         """
         _check_input(x, "encode", "image", self.in_channels, self.spatial_factor)
-        moments = self.encoder.call_hwc(to_hwc(x))
+        ctx = self.context(dtype)
+        return DiagonalGaussian.from_moments(to_chw(self.encode_hwc(to_hwc(x), ctx)))
+
+    def encode_hwc(
+        self, x: Float[Array, "h w {self.in_channels}"], ctx: Context
+    ) -> Float[
+        Array, "h//{self.spatial_factor} w//{self.spatial_factor} {2*self.latent_channels}"
+    ]:
+        """The posterior moments of a channels-last image, in a given `Context`."""
+        moments = self.encoder.call_hwc(x.astype(ctx.stream_dtype(x.dtype)), ctx)
         if self.quant_conv is not None:
-            moments = conv_hwc(self.quant_conv, moments)
-        return DiagonalGaussian.from_moments(to_chw(moments))
+            moments = conv_hwc(self.quant_conv, moments, ctx)
+        return moments
 
     def decode(
-        self, z: Float[Array, "{self.latent_channels} h w"]
+        self, z: Float[Array, "{self.latent_channels} h w"], *, dtype: DTypeLike | None = None
     ) -> Float[Array, "{self.out_channels} {self.spatial_factor}*h {self.spatial_factor}*w"]:
         """Decodes a latent (unscaled: see `unscale_latents`) to an image.
 
         **Arguments:**
 
         - `z`: an unbatched latent of shape `(latent_channels, height, width)`.
+        - `dtype`: the compute dtype; see `encode`.
 
         **Returns:**
 
         An image of shape `(out_channels, height * f, width * f)`, nominally in
-        `[-1, 1]` (not clipped).
+        `[-1, 1]` (not clipped), in float32 when computed in half precision.
         """
         _check_input(z, "decode", "latent", self.latent_channels, 1)
-        z = to_hwc(z)
+        return to_chw(self.decode_hwc(to_hwc(z), self.context(dtype)))
+
+    def decode_hwc(
+        self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context
+    ) -> Float[Array, "{self.spatial_factor}*h {self.spatial_factor}*w {self.out_channels}"]:
+        """The image of a channels-last latent, in a given `Context`."""
+        z = z.astype(ctx.stream_dtype(z.dtype))
         if self.post_quant_conv is not None:
-            z = conv_hwc(self.post_quant_conv, z)
-        return to_chw(self.decoder.call_hwc(z))
+            z = conv_hwc(self.post_quant_conv, z, ctx)
+        return self.decoder.call_hwc(z, ctx)
 
     def __call__(
-        self, x: Float[Array, "{self.in_channels} h w"], *, key: KeyArray | None = None
+        self,
+        x: Float[Array, "{self.in_channels} h w"],
+        *,
+        key: KeyArray | None = None,
+        dtype: DTypeLike | None = None,
     ) -> Float[Array, "{self.out_channels} h w"]:
         """Reconstructs an image: encode, then decode a posterior sample when `key` is
-        given, or the posterior mode when it is `None`."""
-        posterior = self.encode(x)
+        given, or the posterior mode when it is `None`, computing in `dtype`."""
+        posterior = self.encode(x, dtype=dtype)
         z = posterior.mode() if key is None else posterior.sample(key)
-        return self.decode(z)
+        return self.decode(z, dtype=dtype)
 
     def scale_latents(
         self, z: Float[Array, "*batch {self.latent_channels} h w"]

@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float
 
+from ._context import DEFAULT, Context
 from ._conv import conv_hwc, to_chw, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._mid_block import MidBlock2D
@@ -75,13 +76,13 @@ class DownEncoderBlock2D(eqx.Module):
         return to_chw(self.call_hwc(to_hwc(x)))
 
     def call_hwc(
-        self, x: Float[Array, "h w {self.in_channels}"]
+        self, x: Float[Array, "h w {self.in_channels}"], ctx: Context = DEFAULT
     ) -> Float[Array, "h2 w2 {self.out_channels}"]:
-        """The same computation on a channels-last feature map."""
+        """The same computation on a channels-last feature map; see `Context`."""
         for resnet in self.resnets:
-            x = resnet.call_hwc(x)
+            x = resnet.call_hwc(x, ctx)
         for downsampler in self.downsamplers:
-            x = downsampler.call_hwc(x)
+            x = downsampler.call_hwc(x, ctx)
         return x
 
 
@@ -171,13 +172,13 @@ class Encoder(eqx.Module):
         return to_chw(self.call_hwc(to_hwc(x)))
 
     def call_hwc(
-        self, x: Float[Array, "h w {self.in_channels}"]
+        self, x: Float[Array, "h w {self.in_channels}"], ctx: Context = DEFAULT
     ) -> Float[
         Array, "h//{self.spatial_factor} w//{self.spatial_factor} {2*self.latent_channels}"
     ]:
-        """The same computation on a channels-last image."""
-        x = conv_hwc(self.conv_in, x)
+        """The same computation on a channels-last image; see `Context` for `ctx`."""
+        x = conv_hwc(self.conv_in, x, ctx)
         for block in self.down_blocks:
-            x = block.call_hwc(x)
-        x = self.mid_block.call_hwc(x)
-        return conv_hwc(self.conv_out, group_norm_hwc(self.conv_norm_out, x, silu=True))
+            x = block.call_hwc(x, ctx)
+        x = self.mid_block.call_hwc(x, ctx)
+        return conv_hwc(self.conv_out, group_norm_hwc(self.conv_norm_out, x, ctx, silu=True), ctx)

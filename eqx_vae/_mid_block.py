@@ -3,6 +3,7 @@ import jax
 from jaxtyping import Array, Float
 
 from ._attention import AttentionBlock
+from ._context import DEFAULT, Context
 from ._conv import to_chw, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._resnet import ResnetBlock2D
@@ -62,10 +63,10 @@ class MidBlock2D(eqx.Module):
         return to_chw(self.call_hwc(to_hwc(x)))
 
     def call_hwc(
-        self, x: Float[Array, "h w {self.channels}"]
+        self, x: Float[Array, "h w {self.channels}"], ctx: Context = DEFAULT
     ) -> Float[Array, "h w {self.channels}"]:
-        """The same computation on a channels-last feature map."""
-        x = self.resnets[0].call_hwc(x)
+        """The same computation on a channels-last feature map; see `Context`."""
+        x = self.resnets[0].call_hwc(x, ctx)
         for attention in self.attentions:
-            x = attention.call_hwc(x)
-        return self.resnets[1].call_hwc(x)
+            x = attention.call_hwc(x, ctx)
+        return self.resnets[1].call_hwc(x, ctx)

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._context import DEFAULT, Context, at_least_float32
 from ._custom_types import DTypeLike
 
 
@@ -26,8 +27,31 @@ def make_group_norm(
     return eqx.nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS, dtype=dtype)
 
 
+def group_moments(
+    x: Float[Array, "h w g cg"], axis_name: str | None
+) -> tuple[Float[Array, " g"], Float[Array, " g"]]:
+    """Mean and (biased) variance of each group, over the whole image: reduced over
+    the shards of `axis_name` when the height is sharded. Two passes (mean, then the
+    mean square deviation), as a sum of squares minus the squared mean loses the
+    variance of activations with a large mean."""
+    count = jnp.asarray(x.shape[0] * x.shape[1] * x.shape[3], x.dtype)
+    total = jnp.sum(x, axis=(0, 1, 3))
+    if axis_name is not None:
+        count = jax.lax.psum(count, axis_name)
+        total = jax.lax.psum(total, axis_name)
+    mean = total / count
+    squares = jnp.sum(jnp.square(x - mean.reshape(1, 1, -1, 1)), axis=(0, 1, 3))
+    if axis_name is not None:
+        squares = jax.lax.psum(squares, axis_name)
+    return mean, squares / count
+
+
 def group_norm_hwc(
-    norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"], *, silu: bool = False
+    norm: eqx.nn.GroupNorm,
+    x: Float[Array, "h w c"],
+    ctx: Context = DEFAULT,
+    *,
+    silu: bool = False,
 ) -> Float[Array, "h w c"]:
     """GroupNorm (optionally followed by SiLU) of a channels-last image.
 
@@ -37,15 +61,18 @@ def group_norm_hwc(
     """
     h, w, c = x.shape
     groups = norm.groups
-    xf = x.astype(jnp.float32).reshape(h, w, groups, c // groups)
-    mean = jnp.mean(xf, axis=(0, 1, 3), keepdims=True)
-    centred = xf - mean
-    var = jnp.mean(jnp.square(centred), axis=(0, 1, 3), keepdims=True)
-    y = (centred * jax.lax.rsqrt(var + norm.eps)).reshape(h, w, c)
+    wide = at_least_float32(x.dtype)
+    xf = x.astype(wide).reshape(h, w, groups, c // groups)
+    if ctx.norm_stats is not None:
+        mean, var = ctx.norm_stats.moments(xf, ctx)
+    else:
+        mean, var = group_moments(xf, ctx.axis_name)
+    scale = jax.lax.rsqrt(var + norm.eps).reshape(1, 1, groups, 1)
+    y = ((xf - mean.reshape(1, 1, groups, 1)) * scale).reshape(h, w, c)
     if norm.weight is not None:
-        y = y * norm.weight.astype(jnp.float32).reshape(1, 1, c)
+        y = y * norm.weight.astype(wide).reshape(1, 1, c)
     if norm.bias is not None:
-        y = y + norm.bias.astype(jnp.float32).reshape(1, 1, c)
+        y = y + norm.bias.astype(wide).reshape(1, 1, c)
     if silu:
         y = jax.nn.silu(y)
     return y.astype(x.dtype)

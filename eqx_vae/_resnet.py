@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float
 
+from ._context import DEFAULT, Context
 from ._conv import conv_hwc, to_chw, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._norm import group_norm_hwc, make_group_norm
@@ -67,10 +68,10 @@ class ResnetBlock2D(eqx.Module):
         return to_chw(self.call_hwc(to_hwc(x)))
 
     def call_hwc(
-        self, x: Float[Array, "h w {self.in_channels}"]
+        self, x: Float[Array, "h w {self.in_channels}"], ctx: Context = DEFAULT
     ) -> Float[Array, "h w {self.out_channels}"]:
-        """The same computation on a channels-last image."""
-        h = conv_hwc(self.conv1, group_norm_hwc(self.norm1, x, silu=True))
-        h = conv_hwc(self.conv2, group_norm_hwc(self.norm2, h, silu=True))
-        skip = x if self.conv_shortcut is None else conv_hwc(self.conv_shortcut, x)
-        return skip + h
+        """The same computation on a channels-last image; see `Context` for `ctx`."""
+        h = conv_hwc(self.conv1, group_norm_hwc(self.norm1, x, ctx, silu=True), ctx)
+        h = conv_hwc(self.conv2, group_norm_hwc(self.norm2, h, ctx, silu=True), ctx)
+        skip = x if self.conv_shortcut is None else conv_hwc(self.conv_shortcut, x, ctx)
+        return skip.astype(h.dtype) + h
