@@ -12,11 +12,14 @@ from ._mid_block import MidBlock2D as MidBlock2D
 from ._resnet import ResnetBlock2D as ResnetBlock2D
 from ._sampling import Downsample2D as Downsample2D, Upsample2D as Upsample2D
 from ._serialisation import load as load, save as save
+from ._sharding import sharded_decode as sharded_decode, sharded_encode as sharded_encode
 from ._state_dict import (
     from_diffusers_state_dict as from_diffusers_state_dict,
     to_diffusers_state_dict as to_diffusers_state_dict,
 )
+from ._tiling import tiled_decode as tiled_decode, tiled_encode as tiled_encode
 from ._version import __version__ as __version__
+from ._xla import compiler_options as compiler_options
 from .interop import (
     from_pretrained as from_pretrained,
     load_diffusers as load_diffusers,

@@ -71,13 +71,17 @@ def conv_apply(
     dtypes."""
     out_dtype = ctx.stream_dtype(x.dtype)
     xc, scale = to_compute(x, ctx)
+    # The kernel goes in as HWIO: the layout XLA's CPU convolution kernels take. Given
+    # OIHW, XLA transposes it itself, except inside loops (`lax.map`, `scan`), where
+    # it falls back to a generic convolution about 17x slower.
+    kernel = jnp.transpose(weight.astype(xc.dtype), (2, 3, 1, 0))
     y = jax.lax.conv_general_dilated(
         xc[None],
-        weight.astype(xc.dtype),
+        kernel,
         window_strides=stride,
         padding=padding,
         rhs_dilation=conv.dilation,
-        dimension_numbers=("NHWC", "OIHW", "NHWC"),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=None if ctx.compute_dtype is None else out_dtype,
     )[0]
     if scale is not None:

@@ -173,8 +173,36 @@ class Decoder(eqx.Module):
         self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context = DEFAULT
     ) -> Float[Array, "{self.spatial_factor}*h {self.spatial_factor}*w {self.out_channels}"]:
         """The same computation on a channels-last latent; see `Context` for `ctx`."""
-        x = conv_hwc(self.conv_in, z, ctx)
-        x = self.mid_block.call_hwc(x, ctx)
-        for block in self.up_blocks:
-            x = block.call_hwc(x, ctx)
+        x = self.latent_stage_hwc(z, ctx)
+        for stage in range(self.num_upsampling_stages):
+            x = self.upsampling_stage_hwc(stage, x, ctx)
+        return x
+
+    @property
+    def num_upsampling_stages(self) -> int:
+        return len(self.up_blocks) - 1
+
+    def latent_stage_hwc(
+        self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context = DEFAULT
+    ) -> Float[Array, "h w c"]:
+        """Everything at the latent's resolution: `conv_in`, the mid block (with the
+        attention that mixes all pixels) and the first up block's ResNet blocks."""
+        x = self.mid_block.call_hwc(conv_hwc(self.conv_in, z, ctx), ctx)
+        for resnet in self.up_blocks[0].resnets:
+            x = resnet.call_hwc(x, ctx)
+        return self._output(x, ctx) if self.num_upsampling_stages == 0 else x
+
+    def upsampling_stage_hwc(
+        self, stage: int, x: Float[Array, "h w c"], ctx: Context = DEFAULT
+    ) -> Float[Array, "2*h 2*w c2"]:
+        """Stage `stage` of the resolution doublings: the previous up block's
+        upsampler and this block's ResNet blocks (and, last, the output layers). Local
+        operations and GroupNorm only, so a stage can run tile by tile."""
+        for upsampler in self.up_blocks[stage].upsamplers:
+            x = upsampler.call_hwc(x, ctx)
+        for resnet in self.up_blocks[stage + 1].resnets:
+            x = resnet.call_hwc(x, ctx)
+        return self._output(x, ctx) if stage == self.num_upsampling_stages - 1 else x
+
+    def _output(self, x: Array, ctx: Context) -> Array:
         return conv_hwc(self.conv_out, group_norm_hwc(self.conv_norm_out, x, ctx, silu=True), ctx)

@@ -177,8 +177,31 @@ class Encoder(eqx.Module):
         Array, "h//{self.spatial_factor} w//{self.spatial_factor} {2*self.latent_channels}"
     ]:
         """The same computation on a channels-last image; see `Context` for `ctx`."""
-        x = conv_hwc(self.conv_in, x, ctx)
-        for block in self.down_blocks:
-            x = block.call_hwc(x, ctx)
+        for stage in range(self.num_downsampling_stages):
+            x = self.downsampling_stage_hwc(stage, x, ctx)
+        return self.latent_stage_hwc(x, ctx)
+
+    @property
+    def num_downsampling_stages(self) -> int:
+        return len(self.down_blocks) - 1
+
+    def downsampling_stage_hwc(
+        self, stage: int, x: Float[Array, "h w c"], ctx: Context = DEFAULT
+    ) -> Float[Array, "h//2 w//2 c2"]:
+        """Stage `stage` of the resolution halvings: (first `conv_in`, then) a down
+        block's ResNet blocks and its downsampler. Local operations and GroupNorm only,
+        so a stage can run tile by tile."""
+        if stage == 0:
+            x = conv_hwc(self.conv_in, x, ctx)
+        return self.down_blocks[stage].call_hwc(x, ctx)
+
+    def latent_stage_hwc(
+        self, x: Float[Array, "h w c"], ctx: Context = DEFAULT
+    ) -> Float[Array, "h w {2*self.latent_channels}"]:
+        """Everything at the latent's resolution: the last down block, the mid block
+        (with the attention that mixes all pixels) and the output layers."""
+        if self.num_downsampling_stages == 0:
+            x = conv_hwc(self.conv_in, x, ctx)
+        x = self.down_blocks[-1].call_hwc(x, ctx)
         x = self.mid_block.call_hwc(x, ctx)
         return conv_hwc(self.conv_out, group_norm_hwc(self.conv_norm_out, x, ctx, silu=True), ctx)
