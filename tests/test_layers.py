@@ -249,3 +249,30 @@ def test_initialisation_matches_pytorch_defaults(getkey):
         eager.decoder.conv_out.weight,
         eqx_vae.AutoencoderKL(small_config(), key=key).decoder.conv_out.weight,
     )
+
+
+@pytest.mark.parametrize("width", [16, 21, 130])
+def test_winograd_convolution_equals_direct(getkey, width):
+    from eqx_vae._conv import winograd_conv3x3
+
+    weight = jax.random.normal(getkey(), (8, 6, 3, 3)) / np.sqrt(54)
+    x = jax.random.normal(getkey(), (7 + 2, width, 6))  # rows already padded
+    direct = jax.lax.conv_general_dilated(
+        x[None], weight, (1, 1), ((0, 0), (1, 1)), dimension_numbers=("NHWC", "OIHW", "NHWC")
+    )[0]
+    assert_close(winograd_conv3x3(weight, x), direct, rtol=1e-5)
+
+
+def test_winograd_is_used_for_wide_convolutions(getkey):
+    from eqx_vae._context import DEFAULT, Context
+    from eqx_vae._conv import _use_winograd
+
+    weight = jnp.zeros((512, 512, 3, 3))
+    same = ((0, 0), (1, 1))
+    assert _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (1, 1), (1, 1), DEFAULT)
+    assert not _use_winograd(weight, jnp.zeros((66, 64, 512)), same, (1, 1), (1, 1), DEFAULT)
+    assert not _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (2, 2), (1, 1), DEFAULT)
+    half = Context(compute_dtype=np.dtype(jnp.bfloat16))
+    assert not _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (1, 1), (1, 1), half)
+    small = jnp.zeros((128, 128, 3, 3))
+    assert not _use_winograd(small, jnp.zeros((130, 128, 128)), same, (1, 1), (1, 1), DEFAULT)

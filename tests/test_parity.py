@@ -39,6 +39,21 @@ def test_parity_with_fixture(path):
     _check_against(model, ref)
 
 
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """The Winograd convolution on every 3x3 convolution, not only on wide ones."""
+    import eqx_vae._conv
+
+    monkeypatch.setattr(eqx_vae._conv, "_WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(eqx_vae._conv, "_WINOGRAD_MIN_WIDTH", 0)
+
+
+@pytest.mark.parametrize("path", FIXTURE_PATHS, ids=lambda p: p.stem)
+def test_parity_with_fixture_using_winograd(path, winograd_everywhere):
+    config, state_dict, ref = load_fixture(path)
+    _check_against(eqx_vae.from_diffusers_state_dict(state_dict, config), ref)
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_parity_live(case):
