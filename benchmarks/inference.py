@@ -129,7 +129,7 @@ def _torch_child(folder, sizes, repeats, out, channels_last: bool) -> dict:
         AutoencoderKL(**config)  # pyright: ignore[reportCallIssue]
     model = AutoencoderKL.from_pretrained(folder).eval()
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    model = model.to(memory_format=layout)  # pyright: ignore[reportCallIssue]
     ops = {}
     for op, size in operations(sizes):
         x = torch.from_numpy(inputs(op, size)).to(memory_format=layout)
