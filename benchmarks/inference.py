@@ -53,6 +53,64 @@ def time_runs(fn, repeats: int) -> list[float]:
     return times
 
 
+def memory_child(kind: str, folder: pathlib.Path, size: int) -> None:
+    """Loads the weights and decodes one latent of `size` pixels, nothing else: the
+    process's peak memory is that of this decode."""
+    latent = inputs("decode", size)
+    if kind == "eqx_vae":
+        import equinox as eqx
+        import jax
+
+        import eqx_vae
+
+        model = eqx_vae.load_diffusers(folder)
+        options = eqx_vae.compiler_options()
+        # The model is an argument, not a closed-over constant, of the compiled function.
+        decode = eqx.filter_jit(lambda m, z: jax.vmap(m.decode)(z), compiler_options=options)  # pyright: ignore[reportCallIssue]
+        decode(model, latent).block_until_ready()
+    elif kind.startswith("torch"):
+        import torch
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+        layout = torch.channels_last if kind == "torch_cl" else torch.contiguous_format
+        model = AutoencoderKL.from_pretrained(folder).eval()
+        model = model.to(memory_format=layout)  # pyright: ignore[reportCallIssue]
+        with torch.no_grad():
+            model.decode(torch.from_numpy(latent).to(memory_format=layout))
+    else:
+        import jax
+        import safetensors.torch
+        from diffusers import FlaxAutoencoderKL  # pyright: ignore
+        from diffusers.models.modeling_flax_pytorch_utils import (  # pyright: ignore
+            convert_pytorch_state_dict_to_flax,
+        )
+
+        model = FlaxAutoencoderKL(**_flax_config(folder))
+        state = safetensors.torch.load_file(folder / "diffusion_pytorch_model.safetensors")
+        params = convert_pytorch_state_dict_to_flax(state, model)
+        del state
+        decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode).sample)
+        jax.block_until_ready(decode(params, latent))
+    print(json.dumps({"peak_rss": peak_rss_mib()}))
+
+
+def _flax_config(folder: pathlib.Path) -> dict:
+    """The config.json fields that diffusers' Flax VAE takes."""
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    for unsupported in (
+        "shift_factor",
+        "latents_mean",
+        "latents_std",
+        "force_upcast",
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+    ):
+        config.pop(unsupported, None)
+    return config
+
+
 def child(
     kind: str, folder: pathlib.Path, sizes: list[int], repeats: int, out: pathlib.Path
 ) -> None:
@@ -162,18 +220,7 @@ def _flax_child(folder, sizes, repeats, out) -> dict:
     import jax.numpy as jnp
     from diffusers import FlaxAutoencoderKL  # pyright: ignore
 
-    config = json.loads((folder / "config.json").read_text())
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    for unsupported in (
-        "shift_factor",
-        "latents_mean",
-        "latents_std",
-        "force_upcast",
-        "use_quant_conv",
-        "use_post_quant_conv",
-        "mid_block_add_attention",
-    ):
-        config.pop(unsupported, None)
+    config = _flax_config(folder)
     with Timer() as construct:
         fresh = FlaxAutoencoderKL(**config)
         jax.block_until_ready(fresh.init_weights(jax.random.key(1)))
@@ -210,8 +257,18 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--skip", nargs="*", default=[], choices=IMPLEMENTATIONS)
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    parser.add_argument(
+        "--memory-size",
+        type=int,
+        default=512,
+        help="decode size for the peak-memory measurement (0: skip)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], pathlib.Path(args.memory_child[1]), args.memory_size)
+        return
     if args.child:
         kind, folder, out = args.child
         child(kind, pathlib.Path(folder), args.sizes, args.repeats, pathlib.Path(out))
@@ -232,6 +289,15 @@ def main() -> None:
             print(f"running {kind} ...", file=sys.stderr, flush=True)
             child_args = ["--child", kind, str(folder), str(out), "--repeats", str(args.repeats)]
             results[kind] = run_child(__file__, [*child_args, "--sizes", *map(str, args.sizes)])
+            if args.memory_size:
+                memory_args = [
+                    "--memory-child",
+                    kind,
+                    str(folder),
+                    "--memory-size",
+                    str(args.memory_size),
+                ]
+                results[kind]["decode_peak_rss"] = run_child(__file__, memory_args)["peak_rss"]
         differences = _differences(out, kinds, args.sizes)
     report = _report(results, differences, args)
     print(report)
@@ -274,15 +340,19 @@ def _report(results: dict, differences: dict, args: argparse.Namespace) -> str:
             ratio = median / statistics.median(ours["ops"][key]["times"])
             rate = ours["flops"][key] / median / 1e9
             row.append(f"{median:.2f} s ({ratio:.2f}x, {rate:.0f} GF/s)")
+        if "decode_peak_rss" in r:
+            row.append(f"{r['decode_peak_rss']:.0f} MiB")
         row.append(f"{r['peak_rss']:.0f} MiB")
         row.append(f"{r['construct']:.2f} s")
         compiles = [r["ops"][k].get("compile") for k in keys if "compile" in r["ops"][k]]
         row.append(f"{sum(compiles):.1f} s" if compiles else "-")
         rows.append(row)
+    memory = [f"peak RSS, decode {args.memory_size} alone"] if args.memory_size else []
     headers = [
         "implementation",
         *(k.replace("encode", "encode ").replace("decode", "decode ") + " px" for k in keys),
-        "peak RSS",
+        *memory,
+        "peak RSS, all runs",
         "construction",
         "compile (all ops)",
     ]
