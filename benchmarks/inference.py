@@ -1,7 +1,7 @@
 """Encode and decode an SD-size VAE: eqx_vae against diffusers (PyTorch, NCHW and
 channels-last) and diffusers' Flax VAE, on the same weights and inputs.
 
-    pip install -e ".[bench]" flax
+    pip install -e ".[bench]"
     python benchmarks/inference.py [--repeats 3] [--sizes 256 512] [--skip flax]
 
 Each implementation runs in its own fresh process (so that memory readings are its
