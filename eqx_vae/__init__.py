@@ -8,6 +8,7 @@ from ._decoder import Decoder as Decoder, UpDecoderBlock2D as UpDecoderBlock2D
 from ._distribution import DiagonalGaussian as DiagonalGaussian
 from ._encoder import DownEncoderBlock2D as DownEncoderBlock2D, Encoder as Encoder
 from ._errors import CheckpointError as CheckpointError
+from ._metrics import bicubic_baseline as bicubic_baseline, psnr as psnr, ssim as ssim
 from ._mid_block import MidBlock2D as MidBlock2D
 from ._resnet import ResnetBlock2D as ResnetBlock2D
 from ._sampling import Downsample2D as Downsample2D, Upsample2D as Upsample2D

@@ -70,7 +70,10 @@ class AttentionBlock(eqx.Module):
     def call_hwc(
         self, x: Float[Array, "h w {self.channels}"], ctx: Context = DEFAULT
     ) -> Float[Array, "h w {self.channels}"]:
-        """The same computation on a channels-last image."""
+        """The same computation on a channels-last image; see `Context` for `ctx`."""
+        if ctx.checkpoint:
+            inner = ctx.replace(checkpoint=False)
+            return eqx.filter_checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
         h, w, c = x.shape
         tokens = group_norm_hwc(self.group_norm, x, ctx).reshape(h * w, c)
         q = linear(self.to_q, tokens, ctx)

@@ -23,12 +23,16 @@ class Context:
         to (see `eqx_vae._tiling`).
     - `attention_block_bytes`: the largest attention-score block to materialise; longer
         sequences are processed in blocks of queries.
+    - `checkpoint`: recompute each ResNet and attention block's activations in the
+        backward pass instead of storing them (`eqx.filter_checkpoint`), trading compute
+        for memory in training.
     """
 
     compute_dtype: np.dtype | None = None
     axis_name: str | None = None
     norm_stats: Any = None
     attention_block_bytes: int = 64 * 2**20
+    checkpoint: bool = False
 
     def stream_dtype(self, x_dtype: Any) -> np.dtype:
         """The dtype of activations between layers: float32 (or wider) whenever the

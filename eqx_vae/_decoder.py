@@ -173,9 +173,16 @@ class Decoder(eqx.Module):
         self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context = DEFAULT
     ) -> Float[Array, "{self.spatial_factor}*h {self.spatial_factor}*w {self.out_channels}"]:
         """The same computation on a channels-last latent; see `Context` for `ctx`."""
-        x = self.latent_stage_hwc(z, ctx)
+        return conv_hwc(self.conv_out, self.features_hwc(z, ctx), ctx)
+
+    def features_hwc(
+        self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context = DEFAULT
+    ) -> Float[Array, "{self.spatial_factor}*h {self.spatial_factor}*w c"]:
+        """Everything but `conv_out`: the input of the last layer (after `conv_norm_out`
+        and SiLU), as training needs it for the gradients at that layer."""
+        x = self.latent_stage_hwc(z, ctx, output=False)
         for stage in range(self.num_upsampling_stages):
-            x = self.upsampling_stage_hwc(stage, x, ctx)
+            x = self.upsampling_stage_hwc(stage, x, ctx, output=False)
         return x
 
     @property
@@ -183,26 +190,37 @@ class Decoder(eqx.Module):
         return len(self.up_blocks) - 1
 
     def latent_stage_hwc(
-        self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context = DEFAULT
+        self,
+        z: Float[Array, "h w {self.latent_channels}"],
+        ctx: Context = DEFAULT,
+        output: bool = True,
     ) -> Float[Array, "h w c"]:
         """Everything at the latent's resolution: `conv_in`, the mid block (with the
-        attention that mixes all pixels) and the first up block's ResNet blocks."""
+        attention that mixes all pixels) and the first up block's ResNet blocks (and,
+        for a one-level model, the output layers; `output=False` stops before
+        `conv_out`)."""
         x = self.mid_block.call_hwc(conv_hwc(self.conv_in, z, ctx), ctx)
         for resnet in self.up_blocks[0].resnets:
             x = resnet.call_hwc(x, ctx)
-        return self._output(x, ctx) if self.num_upsampling_stages == 0 else x
+        if self.num_upsampling_stages == 0:
+            return self._output(x, ctx, output)
+        return x
 
     def upsampling_stage_hwc(
-        self, stage: int, x: Float[Array, "h w c"], ctx: Context = DEFAULT
+        self, stage: int, x: Float[Array, "h w c"], ctx: Context = DEFAULT, output: bool = True
     ) -> Float[Array, "2*h 2*w c2"]:
         """Stage `stage` of the resolution doublings: the previous up block's
-        upsampler and this block's ResNet blocks (and, last, the output layers). Local
-        operations and GroupNorm only, so a stage can run tile by tile."""
+        upsampler and this block's ResNet blocks (and, last, the output layers;
+        `output=False` stops before `conv_out`). Local operations and GroupNorm only,
+        so a stage can run tile by tile."""
         for upsampler in self.up_blocks[stage].upsamplers:
             x = upsampler.call_hwc(x, ctx)
         for resnet in self.up_blocks[stage + 1].resnets:
             x = resnet.call_hwc(x, ctx)
-        return self._output(x, ctx) if stage == self.num_upsampling_stages - 1 else x
+        if stage == self.num_upsampling_stages - 1:
+            return self._output(x, ctx, output)
+        return x
 
-    def _output(self, x: Array, ctx: Context) -> Array:
-        return conv_hwc(self.conv_out, group_norm_hwc(self.conv_norm_out, x, ctx, silu=True), ctx)
+    def _output(self, x: Array, ctx: Context, output: bool) -> Array:
+        x = group_norm_hwc(self.conv_norm_out, x, ctx, silu=True)
+        return conv_hwc(self.conv_out, x, ctx) if output else x

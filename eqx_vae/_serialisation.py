@@ -54,13 +54,21 @@ def save(path: str | os.PathLike[str], model: AutoencoderKL) -> None:
             for name, leaf in named_parameters(model)
         ],
     }
+    write_tree_file(path, MAGIC, header, model)
+
+
+def write_tree_file(
+    path: str | os.PathLike[str], magic: bytes, header: dict[str, Any], tree: Any
+) -> None:
+    """Writes `magic`, the JSON `header`, `eqx.tree_serialise_leaves(tree)` and a
+    checksum to `path`, atomically."""
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     with atomic_write(path) as f:
         hasher = _HashingWriter(f)
-        hasher.write(MAGIC)
+        hasher.write(magic)
         hasher.write(_LENGTH.pack(len(header_bytes)))
         hasher.write(header_bytes)
-        eqx.tree_serialise_leaves(hasher, model)
+        eqx.tree_serialise_leaves(hasher, tree)
         f.write(hasher.digest())
 
 
@@ -81,14 +89,32 @@ def load(path: str | os.PathLike[str]) -> AutoencoderKL:
     in another format version, does not match the model structure of this version
     of eqx_vae, or is damaged (truncated, or failing its checksum).
     """
+
+    def skeleton(header: dict[str, Any], path: pathlib.Path) -> AutoencoderKL:
+        _check_format(header, path, "eqx_vae", FORMAT_VERSION)
+        config = _config_from_header(header, path)
+        return _skeleton_from_header(header, config, path)
+
+    model, _ = read_tree_file(path, MAGIC, skeleton, "an eqx_vae checkpoint")
+    return model
+
+
+def read_tree_file(
+    path: str | os.PathLike[str],
+    magic: bytes,
+    skeleton: Any,
+    what: str,
+) -> tuple[Any, dict[str, Any]]:
+    """Reads a file written by `write_tree_file`: checks `magic`, parses the header,
+    asks `skeleton(header, path)` for the tree structure, reads the leaves and checks
+    the checksum. Returns the tree and the header."""
     path = pathlib.Path(path)
     with open(path, "rb") as raw:
         f = _HashingReader(raw)
-        header = _read_header(f, path)
-        config = _config_from_header(header, path)
-        skeleton = _skeleton_from_header(header, config, path)
+        header = _read_header(f, path, magic, what)
+        like = skeleton(header, path)
         try:
-            model = eqx.tree_deserialise_leaves(f, skeleton)
+            tree = eqx.tree_deserialise_leaves(f, like)
         except Exception as e:
             raise CheckpointError(
                 f"{path} is damaged: its parameters could not be read ({e})."
@@ -101,7 +127,7 @@ def load(path: str | os.PathLike[str]) -> AutoencoderKL:
             raise CheckpointError(f"{path} is damaged: its checksum does not match.")
         if raw.read(1):
             raise CheckpointError(f"{path} is damaged: it has data after its checksum.")
-    return model
+    return tree, header
 
 
 @contextlib.contextmanager
@@ -132,13 +158,13 @@ def _umask() -> int:
     return mask
 
 
-def _read_header(f: "_HashingReader", path: pathlib.Path) -> dict[str, Any]:
-    magic = f.read(len(MAGIC))
-    if magic != MAGIC:
+def _read_header(
+    f: "_HashingReader", path: pathlib.Path, magic: bytes, what: str
+) -> dict[str, Any]:
+    if f.read(len(magic)) != magic:
         raise CheckpointError(
-            f"{path} is not an eqx_vae checkpoint (it does not start with {MAGIC!r}). "
-            "For diffusers folders and single .safetensors files use the loaders for "
-            "those formats."
+            f"{path} is not {what} (it does not start with {magic!r}). For diffusers "
+            "folders and single .safetensors files use the loaders for those formats."
         )
     length_bytes = f.read(_LENGTH.size)
     if len(length_bytes) != _LENGTH.size:
@@ -153,16 +179,21 @@ def _read_header(f: "_HashingReader", path: pathlib.Path) -> dict[str, Any]:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is damaged: its header is not valid JSON ({e}).") from e
-    if not isinstance(header, dict) or header.get("format") != "eqx_vae":
-        raise CheckpointError(f"{path} is damaged: its header does not describe an eqx_vae model.")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written in eqx_vae checkpoint format version {version!r} (by "
-            f"eqx_vae {header.get('eqx_vae_version', '?')}); this eqx_vae {__version__} "
-            f"reads format version {FORMAT_VERSION}."
-        )
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is damaged: its header is not a JSON object.")
     return header
+
+
+def _check_format(header: dict[str, Any], path: pathlib.Path, kind: str, version: int) -> None:
+    if header.get("format") != kind:
+        raise CheckpointError(f"{path} is damaged: its header does not describe an {kind} file.")
+    found = header.get("format_version")
+    if found != version:
+        raise CheckpointError(
+            f"{path} was written in {kind} format version {found!r} (by eqx_vae "
+            f"{header.get('eqx_vae_version', '?')}); this eqx_vae {__version__} reads "
+            f"format version {version}."
+        )
 
 
 def _config_from_header(header: dict[str, Any], path: pathlib.Path) -> AutoencoderKLConfig:

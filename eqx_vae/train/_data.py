@@ -1,0 +1,169 @@
+import dataclasses
+import os
+import pathlib
+import queue
+import threading
+from collections.abc import Generator
+
+import numpy as np
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where in the sample stream a batch begins: the epoch and the index within the
+    epoch's shuffled order. Saved with checkpoints, so that a resumed run sees the
+    same batches as an uninterrupted one."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """An image file as float32 `(3, H, W)` in `[-1, 1]` (grayscale and alpha images
+    become RGB). Raises `ValueError` naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"Cannot read the image {path}: {e}") from e
+    return np.transpose(rgb / 127.5 - 1.0, (2, 0, 1))
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Writes a `(3, H, W)` image in `[-1, 1]` (clipped) as an 8-bit file; the format
+    follows the suffix."""
+    from PIL import Image
+
+    pixels = np.clip((np.asarray(image, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    Image.fromarray(np.transpose(pixels, (1, 2, 0))).save(path)
+
+
+class ImageFolder:
+    """The images under a folder (recursively), as an endless, deterministic stream of
+    batches of random crops and horizontal flips.
+
+    The order of each epoch is a permutation drawn from `(seed, epoch)`; each
+    sample's crop and flip are drawn from `(seed, epoch, index)`. A batch is therefore a
+    function of the seed and its `DataPosition` alone, whatever happened before.
+    Images are decoded by a background thread, `prefetch` batches ahead.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        crop_size: int,
+        batch_size: int,
+        seed: int = 0,
+        flip: bool = True,
+        prefetch: int = 2,
+    ):
+        self.root = pathlib.Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"The data folder {self.root} does not exist.")
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not self.files:
+            raise ValueError(f"{self.root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        if crop_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"Need positive crop and batch sizes, got {crop_size} and {batch_size}."
+            )
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.flip = flip
+        self.prefetch = prefetch
+        self._cache: dict[pathlib.Path, np.ndarray] = {}
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def sample(self, epoch: int, index: int) -> np.ndarray:
+        """The crop at position `(epoch, index)` of the stream."""
+        image = self._image(self.files[self._order(epoch)[index]])
+        rng = np.random.default_rng([self.seed, epoch, index])
+        _, h, w = image.shape
+        top = int(rng.integers(0, h - self.crop_size + 1))
+        left = int(rng.integers(0, w - self.crop_size + 1))
+        crop = image[:, top : top + self.crop_size, left : left + self.crop_size]
+        if self.flip and rng.random() < 0.5:
+            crop = crop[:, :, ::-1]
+        return np.ascontiguousarray(crop)
+
+    def batch(self, position: DataPosition) -> tuple[np.ndarray, DataPosition]:
+        """The batch starting at `position`, and the position after it."""
+        epoch, index = position.epoch, position.index
+        samples = []
+        for _ in range(self.batch_size):
+            if index >= len(self.files):
+                epoch, index = epoch + 1, 0
+            samples.append(self.sample(epoch, index))
+            index += 1
+        return np.stack(samples), DataPosition(epoch, index)
+
+    def batches(
+        self, start: DataPosition = DataPosition()
+    ) -> Generator[tuple[np.ndarray, DataPosition], None, None]:
+        """Batches from `start` on, each with the position after it, decoded in a
+        background thread."""
+        results: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def produce() -> None:
+            position = start
+            try:
+                while not stop.is_set():
+                    batch, position = self.batch(position)
+                    while not stop.is_set():
+                        try:
+                            results.put((batch, position), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # handed to the consumer
+                results.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def _image(self, path: pathlib.Path) -> np.ndarray:
+        image = self._cache.get(path)
+        if image is None:
+            image = read_image(path)
+            _, h, w = image.shape
+            if min(h, w) < self.crop_size:
+                image = _upscale(image, self.crop_size / min(h, w))
+            if len(self._cache) < 256:  # small datasets stay decoded in memory
+                self._cache[path] = image
+        return image
+
+
+def _upscale(image: np.ndarray, factor: float) -> np.ndarray:
+    from PIL import Image
+
+    _, h, w = image.shape
+    size = (max(1, round(w * factor + 0.5)), max(1, round(h * factor + 0.5)))
+    channels = [
+        np.asarray(Image.fromarray(c).resize(size, Image.Resampling.BICUBIC), np.float32)
+        for c in image
+    ]
+    return np.stack(channels)
