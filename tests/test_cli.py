@@ -12,7 +12,7 @@ from helpers import small_config
 import eqx_vae
 
 
-def run(*args, check=True):
+def run(*args, check=True, cwd=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "eqx_vae", *map(str, args)],
@@ -20,6 +20,7 @@ def run(*args, check=True):
         text=True,
         env=env,
         timeout=300,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -85,3 +86,160 @@ def test_convert_errors(tmp_path):
     assert result.returncode == 1
     result = run("convert", check=False)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+# --- reconstruct, encode, decode, info, train ---
+
+
+def _photo(path, height=36, width=42):
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack(
+        [127 + 120 * np.sin(x / 5.0), 127 + 120 * np.cos(y / 4.0), (x * y) % 255], axis=-1
+    )
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+    return path
+
+
+def _read(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def test_reconstruct_with_the_built_in_model_on_the_sample_photograph(tmp_path):
+    """The README's main command: no arguments but the output."""
+    out = run("reconstruct", "--compare", cwd=tmp_path).stdout
+    assert "built-in" in out and "chelsea.png" in out
+    psnr = float(out.split("PSNR ")[1].split(" dB")[0])
+    bicubic = float(out.split("values: PSNR ")[1].split(" dB")[0])
+    assert psnr >= 26.0 and psnr > bicubic, out
+    side_by_side = _read(tmp_path / "reconstruction.png")
+    assert side_by_side.shape == (3, 300, 2 * 451)
+
+
+def test_reconstruct_matches_the_library(model, tmp_path):
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    image = _photo(tmp_path / "in.png")  # not a multiple of the spatial factor
+    out = run("reconstruct", image, tmp_path / "out.png", "--model", tmp_path / "m.eqx").stdout
+    x = _read(image)
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 2)), mode="edge")  # width 42 -> 44
+    expected = np.clip(np.asarray(model(jax.numpy.asarray(padded)))[:, :, :42], -1, 1)
+    got = _read(tmp_path / "out.png")
+    assert got.shape == x.shape
+    assert np.max(np.abs(got - expected)) <= 1.5 / 127.5  # 8-bit rounding
+    reported = float(out.split("PSNR ")[1].split(" dB")[0])
+    assert (
+        abs(reported - float(eqx_vae.psnr(jax.numpy.asarray(x), jax.numpy.asarray(expected))))
+        < 0.01
+    )
+    # Tiled, the same image.
+    run(
+        "reconstruct", image, tmp_path / "tiled.png", "--model", tmp_path / "m.eqx", "--tile", "16"
+    )
+    assert np.max(np.abs(_read(tmp_path / "tiled.png") - got)) <= 1.5 / 127.5
+
+
+def test_reconstruct_a_folder(model, tmp_path):
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        _photo(tmp_path / "in" / f"{i}.jpg", 24 + 4 * i, 32)
+    result = run("reconstruct", tmp_path / "in", tmp_path / "out", "--model", tmp_path / "m.eqx")
+    assert "3 images: mean PSNR" in result.stdout
+    assert "reconstructing" in result.stderr  # the progress bar
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_encode_then_decode(model, tmp_path):
+    from eqx_vae.interop._safetensors import SafetensorsFile
+
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    image = _photo(tmp_path / "in.png", 32, 40)
+    m = ("--model", tmp_path / "m.eqx")
+    run("encode", image, tmp_path / "z.safetensors", *m)
+    with SafetensorsFile(tmp_path / "z.safetensors") as f:
+        z = f["latents"].read()
+        assert f.metadata["scaled"] == "true"
+    x = jax.numpy.asarray(_read(image))
+    expected = model.scale_latents(model.encode(x).mode())
+    np.testing.assert_allclose(z[0], expected, rtol=1e-5, atol=1e-5)
+    run("decode", tmp_path / "z.safetensors", tmp_path / "back.png", *m)
+    run("reconstruct", image, tmp_path / "direct.png", *m)
+    assert (
+        np.max(np.abs(_read(tmp_path / "back.png") - _read(tmp_path / "direct.png")))
+        <= 1.5 / 127.5
+    )
+    # Raw latents and posterior samples.
+    run("encode", image, tmp_path / "raw.safetensors", *m, "--raw", "--sample", "3")
+    with SafetensorsFile(tmp_path / "raw.safetensors") as f:
+        assert f.metadata["scaled"] == "false"
+        raw = f["latents"].read()[0]
+    mode = np.asarray(model.encode(x).mode())
+    assert not np.allclose(raw, mode) and np.max(np.abs(raw - mode)) < 10
+    # A latent of the wrong shape for the model, and a file without latents.
+    from eqx_vae.interop._safetensors import write_safetensors
+
+    write_safetensors(tmp_path / "three.safetensors", {"latents": np.zeros((1, 3, 4, 4), "f4")})
+    result = run("decode", tmp_path / "three.safetensors", tmp_path / "x.png", *m, check=False)
+    assert result.returncode == 1 and "shape (3, 4, 4)" in result.stderr
+    eqx_vae.save_single_file(model, tmp_path / "weights.safetensors")
+    result = run("decode", tmp_path / "weights.safetensors", tmp_path / "x.png", *m, check=False)
+    assert result.returncode == 1 and "no tensor named 'latents'" in result.stderr
+
+
+def test_info(model, tmp_path):
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    out = run("info", "--model", tmp_path / "m.eqx").stdout
+    count = sum(x.size for x in jax.tree_util.tree_leaves(model))
+    assert f"{count:,} parameters" in out
+    assert "latent scaling: z * 0.13025" in out and "spatial factor 2" in out
+    out = run("info").stdout
+    assert "model: built-in" in out and "spatial factor 4" in out
+    import json
+
+    config = json.loads(run("info", "--model", tmp_path / "m.eqx", "--json").stdout)
+    assert config["block_out_channels"] == [32, 32]
+
+
+def test_bad_inputs_fail_clearly(model, tmp_path):
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    m = ("--model", tmp_path / "m.eqx")
+    for args, message in [
+        (("reconstruct", tmp_path / "missing.png", tmp_path / "o.png", *m), "does not exist"),
+        (("encode", tmp_path / "missing.png", tmp_path / "z.safetensors", *m), "does not exist"),
+        (("info", "--model", tmp_path / "missing.eqx"), "does not exist"),
+    ]:
+        result = run(*args, check=False)
+        assert result.returncode == 1, result
+        assert message in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "text.png").write_text("this is not an image")
+    result = run("reconstruct", tmp_path / "text.png", tmp_path / "o.png", *m, check=False)
+    assert result.returncode == 1 and "Cannot read the image" in result.stderr
+    result = run("reconstruct", *m, "--model", tmp_path / "text.png", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    result = run(
+        "reconstruct", _photo(tmp_path / "in.png"), tmp_path / "o.unknown", *m, check=False
+    )
+    assert result.returncode == 1 and "Cannot write" in result.stderr
+
+
+def test_train_command(tmp_path):
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        _photo(tmp_path / "data" / f"{i}.png", 40, 48 + 8 * i)
+    result = run(
+        "train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--new", "builtin",
+        "--steps", "4", "--batch-size", "2", "--crop-size", "16", "--learning-rate", "1e-3",
+        "--ema", "0.9", "--checkpoint-every", "2", "--sample-every", "2",
+    )  # fmt: skip
+    assert "training" in result.stdout and "wrote" in result.stdout
+    trained = eqx_vae.load(tmp_path / "run" / "model.eqx")
+    assert trained.spatial_factor == 4
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert lines and '"step": 4' in lines[-1]
+    for name in ("checkpoint.eqx", "losses.png", "samples/step_0000004.png"):
+        assert (tmp_path / "run" / name).is_file()
+    result = run("train", "--data", tmp_path / "nowhere", check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr

@@ -3,7 +3,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import CheckpointError
-from . import _convert
+from . import _convert, _info, _latents, _reconstruct, _train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -13,8 +13,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="eqx-vae", description="The Stable Diffusion family's KL autoencoder in JAX."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_convert,):
-        module.add_parser(commands)
+    _reconstruct.add_parser(commands)
+    _latents.add_parsers(commands)
+    _info.add_parser(commands)
+    _train.add_parser(commands)
+    _convert.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

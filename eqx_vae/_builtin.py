@@ -1,0 +1,65 @@
+"""The small autoencoder that ships with eqx_vae, trained on photographs."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from ._autoencoder import AutoencoderKL
+from ._config import AutoencoderKLConfig
+from ._custom_types import DTypeLike
+from ._serialisation import load
+
+
+BUILTIN_PATH = pathlib.Path(__file__).parent / "pretrained" / "photos_f4.eqx"
+
+
+def builtin_config() -> AutoencoderKLConfig:
+    """The architecture of the built-in model: three levels of width 32, 64 and 128
+    (spatial factor 4), one ResNet block per level, a 4-channel latent: the SD
+    autoencoder's design at a size that trains on a CPU."""
+    levels = 3
+    return AutoencoderKLConfig(
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=1.0,
+    )
+
+
+def load_builtin(dtype: DTypeLike | None = jnp.float32) -> AutoencoderKL:
+    """The built-in autoencoder: the architecture of `builtin_config()` trained on
+    scikit-image's sample photographs by `examples/train_builtin.py` (PSNR and SSIM
+    on held-out photographs are in the README). Stored in float16; returned with
+    parameters in `dtype` (float32 by default, `None` keeps float16).
+
+    Its `scaling_factor` maps the latents of the training photographs to unit
+    standard deviation, as in Stable Diffusion.
+    """
+    if not BUILTIN_PATH.exists():
+        raise FileNotFoundError(
+            f"The built-in model {BUILTIN_PATH} is missing from this installation; "
+            "`python examples/train_builtin.py --install` trains and writes it."
+        )
+    model = load(BUILTIN_PATH)
+    if dtype is not None:
+        model = jax.tree_util.tree_map(
+            lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
+            model,
+        )
+    return model
+
+
+def with_config(model: AutoencoderKL, config: AutoencoderKLConfig) -> AutoencoderKL:
+    """`model`'s parameters under `config`, which may differ only in fields that leave
+    the parameters' structure alone (the latent scaling, `sample_size`, ...)."""
+    skeleton = jax.eval_shape(lambda: AutoencoderKL(config, key=jax.random.key(0)))
+    leaves, structure = jax.tree_util.tree_flatten(model)
+    expected = jax.tree_util.tree_structure(skeleton)
+    if structure.num_leaves != expected.num_leaves:
+        raise ValueError("`config` describes parameters other than `model`'s.")
+    return jax.tree_util.tree_unflatten(expected, leaves)

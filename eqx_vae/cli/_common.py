@@ -1,0 +1,163 @@
+"""What the `eqx-vae` commands share: loading a model from any source, reading and
+writing images, running the autoencoder on images of any size."""
+
+import argparse
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._autoencoder import AutoencoderKL
+from .._builtin import BUILTIN_PATH, load_builtin
+from .._config import PRESETS
+from .._distribution import DiagonalGaussian
+from .._tiling import tiled_decode, tiled_encode
+from .._xla import compiler_options
+
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SAMPLE_IMAGE = BUILTIN_PATH.parent / "chelsea.png"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="MODEL",
+        help=(
+            "an eqx_vae checkpoint (.eqx), a diffusers folder, an original single file, or "
+            "a Hugging Face Hub id; the built-in model by default"
+        ),
+    )
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="the model family of a single-file MODEL (its latent scaling is not in the file)",
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="compute dtype (the parameters' by default)"
+    )
+
+
+def load_model(args: argparse.Namespace) -> AutoencoderKL:
+    """The model `--model` names: a local file or folder of any kind, or a Hub id."""
+    from ._convert import load_any
+
+    if args.model is None:
+        return load_builtin()
+    path = pathlib.Path(args.model)
+    if path.exists():
+        return load_any(path, preset=args.preset)[0]
+    if path.suffix or args.model.count("/") != 1:  # not an `owner/name` Hub id
+        raise FileNotFoundError(f"The model {args.model} does not exist.")
+    from ..interop import from_pretrained
+
+    return from_pretrained(args.model)
+
+
+def compute_dtype(args: argparse.Namespace) -> Any:
+    return None if args.dtype is None else DTYPES[args.dtype]
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+    """An image as float32 `(3, H, W)` in `[-1, 1]`; `ValueError` naming the file if it
+    cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"The image {path} does not exist.")
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"Cannot read the image {path}: {e}") from e
+    return np.transpose(rgb / 127.5 - 1.0, (2, 0, 1))
+
+
+def write_image(path: pathlib.Path, image: np.ndarray) -> None:
+    """Writes `(3, H, W)` in `[-1, 1]` as an 8-bit image; the format follows the
+    suffix."""
+    from PIL import Image
+
+    pixels = np.clip((np.asarray(image, np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Image.fromarray(np.transpose(pixels.astype(np.uint8), (1, 2, 0))).save(path)
+    except (KeyError, ValueError) as e:  # an unknown suffix
+        raise ValueError(f"Cannot write an image to {path}: {e}") from e
+
+
+def pairs(
+    source: pathlib.Path, destination: pathlib.Path, suffixes: tuple[str, ...], out_suffix: str
+) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """`(input, output)` paths: one file to one file, or every file with one of
+    `suffixes` in a folder to the same name (with `out_suffix`) in another."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in suffixes)
+        if not files:
+            raise ValueError(f"{source} holds no files ending in {', '.join(suffixes)}.")
+        return [(p, destination / (p.stem + out_suffix)) for p in files]
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist.")
+    return [(source, destination)]
+
+
+class Runner:
+    """Encoding and decoding of single images of any size with a loaded model:
+    compiled once per shape, edge-padded to the spatial factor and cropped back, tile
+    by tile when `tile` is given."""
+
+    def __init__(self, model: AutoencoderKL, dtype: Any = None, tile: int | None = None):
+        self.model = model
+        self.dtype = dtype
+        self.tile = tile
+        options = compiler_options()
+        if tile is None:
+            self._encode: Callable = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
+                lambda m, x: m.encode(x, dtype=dtype), compiler_options=options
+            )
+            self._decode: Callable = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
+                lambda m, z: m.decode(z, dtype=dtype), compiler_options=options
+            )
+        else:
+            self._encode = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
+                lambda m, x: tiled_encode(m, x, tile_size=tile, dtype=dtype),
+                compiler_options=options,
+            )
+            self._decode = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
+                lambda m, z: tiled_decode(m, z, tile_size=tile, dtype=dtype),
+                compiler_options=options,
+            )
+
+    def encode(self, image: np.ndarray) -> DiagonalGaussian:
+        """The posterior of an image `(C, H, W)`; edges padded up to a multiple of the
+        spatial factor (the latent covers the padded image)."""
+        channels = self.model.in_channels
+        if image.shape[0] != channels:
+            raise ValueError(
+                f"The model encodes {channels}-channel images, got {image.shape[0]} channels."
+            )
+        f = self.model.spatial_factor
+        _, h, w = image.shape
+        padded = np.pad(image, ((0, 0), (0, -h % f), (0, -w % f)), mode="edge")
+        return self._encode(self.model, jnp.asarray(padded))
+
+    def decode(self, z: Any) -> np.ndarray:
+        return np.asarray(self._decode(self.model, jnp.asarray(z)), np.float32)
+
+    def reconstruct(self, image: np.ndarray) -> np.ndarray:
+        _, h, w = image.shape
+        return self.decode(self.encode(image).mode())[:, :h, :w]
+
+
+def describe(model: AutoencoderKL) -> str:
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+    c = model.config
+    return (
+        f"{sum(x.size for x in leaves):,} parameters ({model.dtype}), spatial factor "
+        f"{model.spatial_factor}, {c.latent_channels} latent channels"
+    )

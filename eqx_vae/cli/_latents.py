@@ -1,0 +1,150 @@
+"""`eqx-vae encode IN OUT` and `eqx-vae decode IN OUT`: images to latents in
+safetensors files and back."""
+
+import argparse
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import CheckpointError
+from .._progress import Progress
+from ..interop._safetensors import SafetensorsFile, write_safetensors
+from ._common import (
+    IMAGE_SUFFIXES,
+    Runner,
+    add_model_arguments,
+    compute_dtype,
+    load_model,
+    pairs,
+    read_image,
+    write_image,
+)
+
+
+LATENTS = "latents"
+
+
+def add_parsers(commands: Any) -> None:
+    encode = commands.add_parser(
+        "encode",
+        help="encode images to latents (.safetensors)",
+        description=(
+            "Encode an image (or a folder of them) to a latent stored in a .safetensors file "
+            f"under the name {LATENTS!r}, shape (1, C, h, w), scaled as a diffusion model sees "
+            "it (the model's scaling_factor and shift; --raw for the unscaled latent). The "
+            "file's metadata records the scaling and the image size."
+        ),
+    )
+    encode.add_argument("input", type=pathlib.Path, metavar="IN")
+    encode.add_argument("output", type=pathlib.Path, metavar="OUT")
+    add_model_arguments(encode)
+    encode.add_argument(
+        "--sample",
+        type=int,
+        metavar="SEED",
+        help="draw a posterior sample with this seed instead of taking the mode",
+    )
+    encode.add_argument("--raw", action="store_true", help="store the latent unscaled")
+    encode.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    encode.set_defaults(run=run_encode)
+
+    decode = commands.add_parser(
+        "decode",
+        help="decode latents (.safetensors) to images",
+        description=(
+            "Decode latents written by `eqx-vae encode` (or any .safetensors file with a "
+            f"{LATENTS!r} tensor of shape (C, h, w) or (1, C, h, w), scaled per the model's "
+            "convention unless its metadata says raw) to images."
+        ),
+    )
+    decode.add_argument("input", type=pathlib.Path, metavar="IN")
+    decode.add_argument("output", type=pathlib.Path, metavar="OUT")
+    add_model_arguments(decode)
+    decode.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    decode.set_defaults(run=run_decode)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    jobs = pairs(args.input, args.output, IMAGE_SUFFIXES, ".safetensors")
+    model = load_model(args)
+    runner = Runner(model, compute_dtype(args), args.tile)
+    bar = Progress(len(jobs), "encoding") if len(jobs) > 1 else None
+    for index, (source, destination) in enumerate(jobs):
+        image = read_image(source)
+        posterior = runner.encode(image)
+        if args.sample is None:
+            z = posterior.mode()
+        else:
+            z = posterior.sample(jax.random.fold_in(jax.random.key(args.sample), index))
+        if not args.raw:
+            z = model.scale_latents(z)
+        metadata = {
+            "format": "eqx_vae.latents",
+            "scaled": json.dumps(not args.raw),
+            "image_size": json.dumps(list(image.shape[1:])),
+            "scaling": json.dumps(_scaling(model)),
+        }
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(
+            destination, {LATENTS: np.asarray(z, np.float32)[None]}, metadata=metadata
+        )
+        if bar is None:
+            print(f"{source} -> {destination}: latent {tuple(z.shape)}")
+        else:
+            bar.update(1)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    jobs = pairs(args.input, args.output, (".safetensors",), ".png")
+    model = load_model(args)
+    runner = Runner(model, compute_dtype(args), args.tile)
+    bar = Progress(len(jobs), "decoding") if len(jobs) > 1 else None
+    for source, destination in jobs:
+        z, metadata = _read_latent(source, model.latent_channels)
+        if json.loads(metadata.get("scaled", "true")):
+            z = np.asarray(model.unscale_latents(jnp.asarray(z)))
+        image = runner.decode(z)
+        if "image_size" in metadata:
+            h, w = json.loads(metadata["image_size"])
+            image = image[:, :h, :w]
+        write_image(destination, image)
+        if bar is None:
+            print(f"{source} -> {destination}: image {image.shape[1]}x{image.shape[2]}")
+        else:
+            bar.update(1)
+    return 0
+
+
+def _scaling(model: Any) -> dict[str, Any]:
+    c = model.config
+    return {
+        "scaling_factor": c.scaling_factor,
+        "shift_factor": c.shift_factor,
+        "latents_mean": c.latents_mean,
+        "latents_std": c.latents_std,
+    }
+
+
+def _read_latent(path: pathlib.Path, channels: int) -> tuple[np.ndarray, dict[str, str]]:
+    try:
+        with SafetensorsFile(path) as f:
+            if LATENTS not in f:
+                raise ValueError(
+                    f"{path} holds no tensor named {LATENTS!r} (it has: {', '.join(f) or 'none'})."
+                )
+            z = np.asarray(f[LATENTS].read(), np.float32)
+            metadata = dict(f.metadata)
+    except CheckpointError as e:
+        raise ValueError(f"{path} is not a readable .safetensors file: {e}") from e
+    if z.ndim == 4 and z.shape[0] == 1:
+        z = z[0]
+    if z.ndim != 3 or z.shape[0] != channels:
+        raise ValueError(
+            f"{path}: the latent has shape {z.shape}; this model decodes ({channels}, h, w)."
+        )
+    return z, metadata

@@ -1,0 +1,96 @@
+"""`eqx-vae reconstruct [IN] [OUT]`: encode and decode images, report PSNR and SSIM."""
+
+import argparse
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._metrics import bicubic_baseline, psnr, ssim
+from .._progress import Progress
+from ._common import (
+    IMAGE_SUFFIXES,
+    SAMPLE_IMAGE,
+    Runner,
+    add_model_arguments,
+    compute_dtype,
+    describe,
+    load_model,
+    pairs,
+    read_image,
+    write_image,
+)
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "reconstruct",
+        help="encode and decode images; print PSNR and SSIM",
+        description=(
+            "Encode images to latents (the posterior mode) and decode them back, writing the "
+            "reconstructions and printing PSNR and SSIM against the inputs, next to bicubic "
+            "down- and up-sampling that keeps as many values as the latent. IN and OUT are "
+            "two image files or two folders."
+        ),
+    )
+    parser.add_argument(
+        "input",
+        nargs="?",
+        type=pathlib.Path,
+        default=SAMPLE_IMAGE,
+        metavar="IN",
+        help="an image or a folder of images (a sample photograph by default)",
+    )
+    parser.add_argument(
+        "output",
+        nargs="?",
+        type=pathlib.Path,
+        default=pathlib.Path("reconstruction.png"),
+        metavar="OUT",
+        help="where to write (reconstruction.png by default)",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--compare", action="store_true", help="write the input and output side by side"
+    )
+    parser.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs = pairs(args.input, args.output, IMAGE_SUFFIXES, ".png")
+    if args.input.is_dir() and args.output.suffix:
+        raise ValueError(f"IN is a folder, so OUT must be one too, got {args.output}.")
+    model = load_model(args)
+    print(f"model: {args.model or 'built-in'}, {describe(model)}")
+    runner = Runner(model, compute_dtype(args), args.tile)
+    bar = Progress(len(jobs), "reconstructing") if len(jobs) > 1 else None
+    scores = []
+    for source, destination in jobs:
+        image = read_image(source)
+        recon = np.clip(runner.reconstruct(image), -1.0, 1.0)
+        x, y = jnp.asarray(image), jnp.asarray(recon)
+        latent_values = model.latent_channels * int(
+            np.ceil(image.shape[1] / model.spatial_factor)
+            * np.ceil(image.shape[2] / model.spatial_factor)
+        )
+        bicubic = jnp.clip(bicubic_baseline(x, latent_values), -1.0, 1.0)
+        score = (float(psnr(x, y)), float(ssim(x, y)), float(psnr(x, bicubic)))
+        scores.append(score)
+        write_image(destination, np.concatenate([image, recon], axis=2) if args.compare else recon)
+        line = (
+            f"{source} -> {destination}: PSNR {score[0]:.2f} dB, SSIM {score[1]:.4f} "
+            f"(bicubic with as many values: PSNR {score[2]:.2f} dB)"
+        )
+        if bar is None:
+            print(line)
+        else:
+            bar.update(1, psnr=score[0])
+    if len(scores) > 1:
+        mean = np.mean(scores, axis=0)
+        print(
+            f"{len(scores)} images: mean PSNR {mean[0]:.2f} dB, SSIM {mean[1]:.4f} "
+            f"(bicubic {mean[2]:.2f} dB)"
+        )
+    return 0
