@@ -44,7 +44,7 @@ def child(args: argparse.Namespace) -> None:
         compiler_options=eqx_vae.compiler_options(),
     )
     compiled = step.lower(state, images, jax.random.key(3)).compile()  # pyright: ignore[reportAttributeAccessIssue]
-    analysis = compiled.memory_analysis()
+    analysis = compiled.compiled.memory_analysis()
     temp = None if analysis is None else analysis.temp_size_in_bytes / 2**20
     state, metrics = step(state, images, jax.random.key(3))
     jax.block_until_ready(metrics)

@@ -230,14 +230,22 @@ def test_decoder_only_leaves_the_encoder_alone(vae, images):
     assert not np.allclose(new.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
 
 
-def test_ema_follows_the_weights(vae, images):
-    config = train.TrainConfig(disc_weight=0.0, learning_rate=1e-2, ema_decay=0.9)
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_the_weights(vae, images, warmup):
+    config = train.TrainConfig(
+        disc_weight=0.0, learning_rate=1e-2, ema_decay=0.9, ema_warmup=warmup
+    )
     optimizers, step = _step(config)
     state = train.init_state(vae, config, optimizers, key=jax.random.key(4))
     new, _ = step(state, images, jax.random.key(11))
-    expected = jax.tree_util.tree_map(lambda e, v: 0.9 * e + 0.1 * v, vae, new.vae)
+    new2, _ = step(new, images, jax.random.key(12))
+    # With the warm-up, step t uses min(0.9, (1 + t) / (10 + t)): 0.1, then 2/11.
+    d1, d2 = (0.1, 2 / 11) if warmup else (0.9, 0.9)
+    expected = jax.tree_util.tree_map(lambda e, v: d1 * e + (1 - d1) * v, vae, new.vae)
     _assert_trees_close(new.ema, expected, rtol=1e-6)
-    assert int(new.step) == 1
+    expected = jax.tree_util.tree_map(lambda e, v: d2 * e + (1 - d2) * v, new.ema, new2.vae)
+    _assert_trees_close(new2.ema, expected, rtol=1e-6)
+    assert int(new2.step) == 2
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(vae):

@@ -24,6 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"eqx-vae {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:
+        extra = "train" if args.command == "train" else "cli"
+        print(
+            f"eqx-vae {args.command}: error: {e} (pip install 'eqx_vae[{extra}]')",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"eqx-vae {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -119,7 +119,8 @@ def fit(
                 _write_samples(out / "samples" / f"step_{done:07d}.png", state, samples)
             if done % checkpoint_every == 0 or done == steps:
                 save_checkpoint(out / CHECKPOINT, state, config=config, position=position)
-                plot_losses(out / METRICS, out / "losses.png")
+                if (out / METRICS).exists():
+                    plot_losses(out / METRICS, out / "losses.png")
     finally:
         stream.close()
     return state
@@ -133,9 +134,14 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+@eqx.filter_jit
+def _reconstruct_batch(model: Any, images: Any) -> Any:
+    return jax.vmap(model)(images)
+
+
 def _write_samples(path: pathlib.Path, state: TrainState, samples: np.ndarray) -> None:
     model = state.ema if state.ema is not None else state.vae
-    recon = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(model, jnp.asarray(samples))
+    recon = _reconstruct_batch(model, jnp.asarray(samples))
     path.parent.mkdir(parents=True, exist_ok=True)
     top = np.concatenate(list(samples), axis=2)
     bottom = np.concatenate(list(np.asarray(recon)), axis=2)

@@ -32,6 +32,9 @@ class TrainConfig:
     - `decoder_only`: train only the decoder (and `post_quant_conv`): the encoder, and
         so the latent space a diffusion model was trained on, stay fixed.
     - `ema_decay`: keep an exponential moving average of the autoencoder's weights.
+    - `ema_warmup`: use `min(ema_decay, (1 + step) / (10 + step))` at each step, as
+        diffusers' `EMAModel` does, so that the average forgets the initial weights
+        early instead of after thousands of steps.
     - `accumulate`: split each batch into this many micro-batches, adding their
         gradients (memory of one micro-batch, result of the whole batch).
     - `checkpoint`: recompute block activations in the backward pass (less memory).
@@ -52,6 +55,7 @@ class TrainConfig:
     decay_steps: int | None = None
     decoder_only: bool = False
     ema_decay: float | None = None
+    ema_warmup: bool = True
     accumulate: int = 1
     checkpoint: bool = False
     compute_dtype: str | None = None

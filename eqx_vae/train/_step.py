@@ -198,12 +198,18 @@ def make_train_step(
                 disc = eqx.apply_updates(disc, updates)
         ema = state.ema
         if ema is not None and config.ema_decay is not None:
-            decay = config.ema_decay
-            ema = jax.tree_util.tree_map(
-                lambda e, v: decay * e + (1 - decay) * v if eqx.is_inexact_array(v) else v,
-                ema,
-                vae,
-            )
+            decay = jnp.asarray(config.ema_decay, jnp.float32)
+            if config.ema_warmup:
+                t = state.step.astype(jnp.float32)
+                decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+            def average(e: Any, v: Any) -> Any:
+                if not eqx.is_inexact_array(v):
+                    return v
+                d = decay.astype(e.dtype)
+                return d * e + (1 - d) * v
+
+            ema = jax.tree_util.tree_map(average, ema, vae)
         new = TrainState(
             vae=vae,
             logvar=logvar,
