@@ -3,6 +3,7 @@ as Equinox modules."""
 
 from ._attention import AttentionBlock as AttentionBlock
 from ._autoencoder import AutoencoderKL as AutoencoderKL
+from ._builtin import builtin_config as builtin_config, load_builtin as load_builtin
 from ._config import PRESETS as PRESETS, AutoencoderKLConfig as AutoencoderKLConfig
 from ._decoder import Decoder as Decoder, UpDecoderBlock2D as UpDecoderBlock2D
 from ._distribution import DiagonalGaussian as DiagonalGaussian

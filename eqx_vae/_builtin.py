@@ -17,7 +17,10 @@ BUILTIN_PATH = pathlib.Path(__file__).parent / "pretrained" / "photos_f4.eqx"
 def builtin_config() -> AutoencoderKLConfig:
     """The architecture of the built-in model: three levels of width 32, 64 and 128
     (spatial factor 4), one ResNet block per level, a 4-channel latent: the SD
-    autoencoder's design at a size that trains on a CPU."""
+    autoencoder's design at a size that trains on a CPU. GroupNorm has 8 groups, so
+    that groups hold 4, 8 and 16 channels as in SD's 128/256/512-wide levels (with one
+    channel per group, the normalisation would erase each channel's mean, and with it
+    the image's overall colour)."""
     levels = 3
     return AutoencoderKLConfig(
         block_out_channels=(32, 64, 128),
@@ -25,7 +28,7 @@ def builtin_config() -> AutoencoderKLConfig:
         up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=8,
         sample_size=64,
         scaling_factor=1.0,
     )

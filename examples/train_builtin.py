@@ -29,11 +29,11 @@ from eqx_vae import train
 from eqx_vae._builtin import BUILTIN_PATH, builtin_config, with_config
 
 
-# Photographs only (no drawings or synthetic patterns). Two are held out for evaluation.
+# The colour photographs (the grayscale ones would teach the model to drop colour). Two
+# more are held out for evaluation.
 TRAIN_PHOTOS = (
     "astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
-    "stereo_motorcycle", "brick", "camera", "grass", "gravel", "moon", "coins", "cell",
-    "clock", "page", "text",
+    "stereo_motorcycle",
 )  # fmt: skip
 HELD_OUT = ("chelsea", "rocket")
 
@@ -111,7 +111,7 @@ def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.ImageFolder) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/builtin", help="the run's folder")
-    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
