@@ -40,7 +40,7 @@ HELD_OUT = ("chelsea", "rocket")
 
 def photo(name: str) -> list[np.ndarray]:
     """A scikit-image sample as RGB uint8 arrays (the stereo pair gives two)."""
-    import skimage.data
+    import skimage.data  # pyright: ignore[reportMissingImports]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
