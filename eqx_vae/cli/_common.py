@@ -15,12 +15,16 @@ from .._autoencoder import AutoencoderKL
 from .._builtin import BUILTIN_PATH, load_builtin
 from .._config import PRESETS
 from .._distribution import DiagonalGaussian
+from .._images import (
+    IMAGE_SUFFIXES as IMAGE_SUFFIXES,
+    read_image as read_image,
+    write_image as write_image,
+)
 from .._tiling import tiled_decode, tiled_encode
 from .._xla import compiler_options
+from ._convert import DTYPES
 
 
-DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SAMPLE_IMAGE = BUILTIN_PATH.parent / "chelsea.png"
 
 
@@ -61,34 +65,6 @@ def load_model(args: argparse.Namespace) -> AutoencoderKL:
 
 def compute_dtype(args: argparse.Namespace) -> Any:
     return None if args.dtype is None else DTYPES[args.dtype]
-
-
-def read_image(path: pathlib.Path) -> np.ndarray:
-    """An image as float32 `(3, H, W)` in `[-1, 1]`; `ValueError` naming the file if it
-    cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"The image {path} does not exist.")
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"Cannot read the image {path}: {e}") from e
-    return np.transpose(rgb / 127.5 - 1.0, (2, 0, 1))
-
-
-def write_image(path: pathlib.Path, image: np.ndarray) -> None:
-    """Writes `(3, H, W)` in `[-1, 1]` as an 8-bit image; the format follows the
-    suffix."""
-    from PIL import Image
-
-    pixels = np.clip((np.asarray(image, np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        Image.fromarray(np.transpose(pixels.astype(np.uint8), (1, 2, 0))).save(path)
-    except (KeyError, ValueError) as e:  # an unknown suffix
-        raise ValueError(f"Cannot write an image to {path}: {e}") from e
 
 
 def pairs(

@@ -1,13 +1,9 @@
 """Training and fine-tuning KL autoencoders with the CompVis recipe (needs `optax`
 and, for the data pipeline, Pillow: `pip install 'eqx_vae[train]'`)."""
 
+from .._images import read_image as read_image, write_image as write_image
 from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
-from ._data import (
-    DataPosition as DataPosition,
-    ImageFolder as ImageFolder,
-    read_image as read_image,
-    write_image as write_image,
-)
+from ._data import DataPosition as DataPosition, ImageFolder as ImageFolder
 from ._discriminator import PatchDiscriminator as PatchDiscriminator
 from ._loop import fit as fit, plot_losses as plot_losses
 from ._losses import (

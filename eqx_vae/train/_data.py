@@ -7,8 +7,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from .._images import IMAGE_SUFFIXES, read_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,28 +18,6 @@ class DataPosition:
 
     epoch: int = 0
     index: int = 0
-
-
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """An image file as float32 `(3, H, W)` in `[-1, 1]` (grayscale and alpha images
-    become RGB). Raises `ValueError` naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"Cannot read the image {path}: {e}") from e
-    return np.transpose(rgb / 127.5 - 1.0, (2, 0, 1))
-
-
-def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Writes a `(3, H, W)` image in `[-1, 1]` (clipped) as an 8-bit file; the format
-    follows the suffix."""
-    from PIL import Image
-
-    pixels = np.clip((np.asarray(image, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    Image.fromarray(np.transpose(pixels, (1, 2, 0))).save(path)
 
 
 class ImageFolder:

@@ -11,10 +11,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .._custom_types import KeyArray
+from .._images import write_image
 from .._progress import Progress
 from .._xla import compiler_options
 from ._checkpoint import load_checkpoint, save_checkpoint
-from ._data import DataPosition, ImageFolder, write_image
+from ._data import DataPosition, ImageFolder
 from ._lpips import LPIPS
 from ._state import TrainConfig, TrainState
 from ._step import make_train_step
@@ -142,7 +143,6 @@ def _reconstruct_batch(model: Any, images: Any) -> Any:
 def _write_samples(path: pathlib.Path, state: TrainState, samples: np.ndarray) -> None:
     model = state.ema if state.ema is not None else state.vae
     recon = _reconstruct_batch(model, jnp.asarray(samples))
-    path.parent.mkdir(parents=True, exist_ok=True)
     top = np.concatenate(list(samples), axis=2)
     bottom = np.concatenate(list(np.asarray(recon)), axis=2)
     write_image(path, np.concatenate([top, bottom], axis=1))

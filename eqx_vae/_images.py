@@ -1,0 +1,39 @@
+"""Reading and writing 8-bit image files as float arrays in `[-1, 1]` (Pillow)."""
+
+import os
+import pathlib
+
+import numpy as np
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """An image file as float32 `(3, H, W)` in `[-1, 1]` (grayscale and alpha images
+    become RGB). Raises `FileNotFoundError` if there is no such file and `ValueError`
+    naming the file if it cannot be read as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"The image {path} does not exist.")
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"Cannot read the image {path}: {e}") from e
+    return np.transpose(rgb / 127.5 - 1.0, (2, 0, 1))
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Writes a `(3, H, W)` image in `[-1, 1]` (clipped) as an 8-bit file, creating its
+    folder; the format follows the suffix (`ValueError` for an unknown one)."""
+    from PIL import Image
+
+    pixels = np.clip((np.asarray(image, np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Image.fromarray(np.transpose(pixels.astype(np.uint8), (1, 2, 0))).save(path)
+    except (KeyError, ValueError) as e:  # an unknown suffix
+        raise ValueError(f"Cannot write an image to {path}: {e}") from e
