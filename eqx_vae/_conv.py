@@ -1,3 +1,4 @@
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -248,12 +249,17 @@ def _use_taps(
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def taps_conv3x3(
     weight: Float[Array, "o i 3 3"], x: Float[Array, "h2 w i"], out_dtype: Any
 ) -> Array:
     """A 3x3 convolution with few output channels of `x`, whose rows are already
     padded (`h + 2` in, `h` out), with zero padding 1 on the columns: every input pixel's
-    contribution to every tap, by one matrix product, summed over the taps' shifts."""
+    contribution to every tap, by one matrix product, summed over the taps' shifts.
+
+    Its gradients are those of the direct convolution: differentiating the shifted sum
+    itself would pad each tap's cotangent to the size of all nine taps' contributions,
+    and keep the nine alive at once."""
     rows, width, channels = x.shape
     out = weight.shape[0]
     kernel = jnp.transpose(weight, (1, 2, 3, 0)).reshape(channels, 9 * out)
@@ -268,3 +274,30 @@ def taps_conv3x3(
             y = term if y is None else y + term
     assert y is not None
     return y
+
+
+def _direct_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
+    """What `taps_conv3x3` computes, as one convolution."""
+    return jax.lax.conv_general_dilated(
+        x[None],
+        jnp.transpose(weight, (2, 3, 1, 0)),
+        (1, 1),
+        ((0, 0), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=out_dtype,
+    )[0]
+
+
+def _taps_forward(weight: Array, x: Array, out_dtype: Any) -> tuple[Array, tuple[Array, Array]]:
+    return taps_conv3x3(weight, x, out_dtype), (weight, x)
+
+
+def _taps_backward(
+    out_dtype: Any, residuals: tuple[Array, Array], cotangent: Array
+) -> tuple[Array, Array]:
+    weight, x = residuals
+    _, pullback = jax.vjp(lambda w, v: _direct_conv3x3(w, v, out_dtype), weight, x)
+    return pullback(cotangent)
+
+
+taps_conv3x3.defvjp(_taps_forward, _taps_backward)

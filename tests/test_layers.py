@@ -276,3 +276,40 @@ def test_winograd_is_used_for_wide_convolutions(getkey):
     assert not _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (1, 1), (1, 1), half)
     small = jnp.zeros((128, 128, 3, 3))
     assert not _use_winograd(small, jnp.zeros((130, 128, 128)), same, (1, 1), (1, 1), DEFAULT)
+
+
+def test_few_channel_convolution_and_its_gradients_equal_direct(getkey):
+    from eqx_vae._conv import taps_conv3x3
+
+    weight = jax.random.normal(getkey(), (4, 16, 3, 3)) / np.sqrt(144)
+    x = jax.random.normal(getkey(), (9 + 2, 13, 16))  # rows already padded
+    cotangent = jax.random.normal(getkey(), (9, 13, 4))
+    f32 = np.dtype(np.float32)
+
+    def direct(w, v):
+        return jax.lax.conv_general_dilated(
+            v[None], w, (1, 1), ((0, 0), (1, 1)), dimension_numbers=("NHWC", "OIHW", "NHWC")
+        )[0]
+
+    assert_close(taps_conv3x3(weight, x, f32), direct(weight, x), rtol=1e-5)
+    grads = jax.grad(lambda w, v: jnp.vdot(taps_conv3x3(w, v, f32), cotangent), (0, 1))
+    expected = jax.grad(lambda w, v: jnp.vdot(direct(w, v), cotangent), (0, 1))
+    for got, want in zip(grads(weight, x), expected(weight, x), strict=True):
+        assert_close(got, want, rtol=1e-5)
+
+
+def test_few_channel_convolution_gradient_memory():
+    # Differentiated as written, the shifted sum pads each of the nine taps' cotangents
+    # to the size of all the taps' contributions and holds the nine together.
+    from eqx_vae._conv import taps_conv3x3
+
+    weight, x = jnp.zeros((32, 64, 3, 3)), jnp.zeros((4, 34, 32, 64))
+
+    def loss(w, v):
+        y = jax.vmap(lambda image: taps_conv3x3(w, image, np.dtype(np.float32)))(v)
+        return jnp.sin(y).sum()
+
+    analysis = jax.jit(jax.grad(loss, (0, 1))).lower(weight, x).compile().memory_analysis()
+    assert analysis is not None
+    contributions = 4 * 34 * 34 * 9 * 32 * 4  # bytes
+    assert analysis.temp_size_in_bytes < 4 * contributions
