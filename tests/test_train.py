@@ -1,5 +1,6 @@
 """`eqx_vae.train`: loss terms, the train step, data, checkpoints and resuming."""
 
+import itertools
 import json
 
 import equinox as eqx
@@ -328,6 +329,45 @@ def test_image_folder_is_deterministic(tmp_path):
     np.testing.assert_array_equal(later, batches[2])
     other = train.ImageFolder(folder, crop_size=16, batch_size=3, seed=2)
     assert not np.array_equal(other.batch(train.DataPosition())[0], batches[0])
+
+
+def test_image_folder_augmentations(tmp_path):
+    folder = _image_folder(tmp_path)
+    plain = train.ImageFolder(folder, crop_size=16, batch_size=5, seed=4)
+    permuted = train.ImageFolder(folder, crop_size=16, batch_size=5, seed=4, permute_channels=True)
+    x, _ = plain.batch(train.DataPosition())
+    y, _ = permuted.batch(train.DataPosition())
+    # The same crops, each with its channels in some order, not always the identity.
+    changed = 0
+    for a, b in zip(x, y, strict=True):
+        orders = [o for o in itertools.permutations(range(3)) if np.array_equal(a[list(o)], b)]
+        assert orders, "a permuted crop is not a channel permutation of the crop"
+        changed += (0, 1, 2) not in orders
+    assert changed > 0
+
+    # scale=0.5: a region twice the crop's side, shrunk with antialiasing.
+    halved = train.ImageFolder(folder, crop_size=16, batch_size=4, seed=4, scale=(0.5, 0.5))
+    image = halved._image(halved.files[halved._order(0)[0]])
+    crop = halved.sample(0, 0)
+    assert crop.shape == (3, 16, 16) and crop.min() >= -1 and crop.max() <= 1
+    best = min(
+        float(np.abs(crop - candidate).mean())
+        for top in range(image.shape[1] - 31)
+        for left in range(image.shape[2] - 31)
+        for region in [image[:, top : top + 32, left : left + 32]]
+        for candidate in (
+            region.reshape(3, 16, 2, 16, 2).mean(axis=(2, 4)),
+            region[:, :, ::-1].reshape(3, 16, 2, 16, 2).mean(axis=(2, 4)),
+        )
+    )
+    assert best < 0.05  # close to a 2x2 box average of some 32-pixel region
+    ranged = train.ImageFolder(folder, crop_size=16, batch_size=4, seed=4, scale=(0.5, 1.0))
+    batch, _ = ranged.batch(train.DataPosition())
+    assert batch.shape == (4, 3, 16, 16)
+    again, _ = ranged.batch(train.DataPosition())
+    np.testing.assert_array_equal(batch, again)
+    with pytest.raises(ValueError, match="scale range"):
+        train.ImageFolder(folder, crop_size=16, batch_size=1, scale=(1.0, 0.5))
 
 
 def test_image_folder_errors(tmp_path):

@@ -24,10 +24,18 @@ class ImageFolder:
     """The images under a folder (recursively), as an endless, deterministic stream of
     batches of random crops and horizontal flips.
 
+    Optional augmentations:
+
+    - `scale=(low, high)`: each crop is taken at a random scale in that range
+        (log-uniform): a region of `crop_size / scale` pixels, resized to `crop_size`
+        with antialiasing. Scales below 1 show more of each image per crop.
+    - `permute_channels`: each crop's RGB channels are put in a random order, so that
+        colours absent from a small dataset (blue skies from red fabric) are seen.
+
     The order of each epoch is a permutation drawn from `(seed, epoch)`; each
-    sample's crop and flip are drawn from `(seed, epoch, index)`. A batch is therefore a
-    function of the seed and its `DataPosition` alone, whatever happened before.
-    Images are decoded by a background thread, `prefetch` batches ahead.
+    sample's crop and augmentations are drawn from `(seed, epoch, index)`. A batch is
+    therefore a function of the seed and its `DataPosition` alone, whatever happened
+    before. Images are decoded by a background thread, `prefetch` batches ahead.
     """
 
     def __init__(
@@ -38,6 +46,8 @@ class ImageFolder:
         batch_size: int,
         seed: int = 0,
         flip: bool = True,
+        scale: tuple[float, float] = (1.0, 1.0),
+        permute_channels: bool = False,
         prefetch: int = 2,
     ):
         self.root = pathlib.Path(root)
@@ -52,7 +62,12 @@ class ImageFolder:
             raise ValueError(
                 f"Need positive crop and batch sizes, got {crop_size} and {batch_size}."
             )
+        low, high = scale
+        if not 0 < low <= high:
+            raise ValueError(f"Need a scale range 0 < low <= high, got {scale}.")
         self.crop_size = crop_size
+        self.scale = (float(low), float(high))
+        self.permute_channels = permute_channels
         self.batch_size = batch_size
         self.seed = seed
         self.flip = flip
@@ -65,11 +80,19 @@ class ImageFolder:
         image = self._image(self.files[self._order(epoch)[index]])
         rng = np.random.default_rng([self.seed, epoch, index])
         _, h, w = image.shape
-        top = int(rng.integers(0, h - self.crop_size + 1))
-        left = int(rng.integers(0, w - self.crop_size + 1))
-        crop = image[:, top : top + self.crop_size, left : left + self.crop_size]
+        low, high = self.scale
+        scale = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if low < high else low
+        # The region a crop is cut from: at most the image's shorter side.
+        region = min(max(1, round(self.crop_size / scale)), h, w)
+        top = int(rng.integers(0, h - region + 1))
+        left = int(rng.integers(0, w - region + 1))
+        crop = image[:, top : top + region, left : left + region]
+        if region != self.crop_size:
+            crop = _resize(crop, self.crop_size)
         if self.flip and rng.random() < 0.5:
             crop = crop[:, :, ::-1]
+        if self.permute_channels:
+            crop = crop[rng.permutation(crop.shape[0])]
         return np.ascontiguousarray(crop)
 
     def batch(self, position: DataPosition) -> tuple[np.ndarray, DataPosition]:
@@ -135,12 +158,18 @@ class ImageFolder:
 
 
 def _upscale(image: np.ndarray, factor: float) -> np.ndarray:
+    _, h, w = image.shape
+    return _resize(image, (max(1, round(h * factor + 0.5)), max(1, round(w * factor + 0.5))))
+
+
+def _resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Bicubic resizing (antialiased when shrinking) of a `(C, H, W)` float image in
+    `[-1, 1]` to `size` (`(H, W)`, or one side for a square)."""
     from PIL import Image
 
-    _, h, w = image.shape
-    size = (max(1, round(w * factor + 0.5)), max(1, round(h * factor + 0.5)))
+    h, w = (size, size) if isinstance(size, int) else size
     channels = [
-        np.asarray(Image.fromarray(c).resize(size, Image.Resampling.BICUBIC), np.float32)
+        np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC), np.float32)
         for c in image
     ]
-    return np.stack(channels)
+    return np.clip(np.stack(channels), -1.0, 1.0)
