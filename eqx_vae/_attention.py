@@ -9,6 +9,7 @@ from ._context import DEFAULT, Context
 from ._conv import linear, to_chw, to_compute, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._norm import group_norm_hwc, make_group_norm
+from ._remat import checkpoint
 
 
 class AttentionBlock(eqx.Module):
@@ -73,7 +74,7 @@ class AttentionBlock(eqx.Module):
         """The same computation on a channels-last image; see `Context` for `ctx`."""
         if ctx.checkpoint:
             inner = ctx.replace(checkpoint=False)
-            return eqx.filter_checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
+            return checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
         h, w, c = x.shape
         tokens = group_norm_hwc(self.group_norm, x, ctx).reshape(h * w, c)
         q = linear(self.to_q, tokens, ctx)

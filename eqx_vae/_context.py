@@ -24,8 +24,9 @@ class Context:
     - `attention_block_bytes`: the largest attention-score block to materialise; longer
         sequences are processed in blocks of queries.
     - `checkpoint`: recompute each ResNet and attention block's activations in the
-        backward pass instead of storing them (`eqx.filter_checkpoint`), trading compute
-        for memory in training.
+        backward pass instead of storing them (`eqx_vae._remat.checkpoint`: Equinox's
+        `filter_checkpoint` on accelerators, a form the CPU compiler keeps on CPUs),
+        trading compute for memory in training.
     """
 
     compute_dtype: np.dtype | None = None

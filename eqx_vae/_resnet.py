@@ -6,6 +6,7 @@ from ._context import DEFAULT, Context
 from ._conv import conv_hwc, to_chw, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._norm import group_norm_hwc, make_group_norm
+from ._remat import checkpoint
 
 
 class ResnetBlock2D(eqx.Module):
@@ -73,7 +74,7 @@ class ResnetBlock2D(eqx.Module):
         """The same computation on a channels-last image; see `Context` for `ctx`."""
         if ctx.checkpoint:
             inner = ctx.replace(checkpoint=False)
-            return eqx.filter_checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
+            return checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
         h = conv_hwc(self.conv1, group_norm_hwc(self.norm1, x, ctx, silu=True), ctx)
         h = conv_hwc(self.conv2, group_norm_hwc(self.norm2, h, ctx, silu=True), ctx)
         skip = x if self.conv_shortcut is None else conv_hwc(self.conv_shortcut, x, ctx)
