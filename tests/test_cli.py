@@ -237,6 +237,7 @@ def test_train_command(tmp_path):
         "train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--new", "builtin",
         "--steps", "4", "--batch-size", "2", "--crop-size", "16", "--learning-rate", "1e-3",
         "--ema", "0.9", "--checkpoint-every", "2", "--sample-every", "2",
+        "--scale", "0.5", "1", "--permute-channels", "--checkpointing",
     )  # fmt: skip
     assert "training" in result.stdout and "wrote" in result.stdout
     trained = eqx_vae.load(tmp_path / "run" / "model.eqx")
@@ -247,3 +248,5 @@ def test_train_command(tmp_path):
         assert (tmp_path / "run" / name).is_file()
     result = run("train", "--data", tmp_path / "nowhere", check=False)
     assert result.returncode == 1 and "does not exist" in result.stderr
+    result = run("train", "--data", tmp_path / "data", "--scale", "1", "0.5", check=False)
+    assert result.returncode == 1 and "scale range" in result.stderr

@@ -43,6 +43,19 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(1.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="take crops at random scales in this range (below 1 shrinks; default 1 1)",
+    )
+    parser.add_argument(
+        "--permute-channels",
+        action="store_true",
+        help="shuffle each crop's RGB channels (colour augmentation)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--warmup-steps", type=int, default=0)
@@ -117,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
             f"--batch-size {args.batch_size} must divide into --devices x --accumulate."
         )
     data = train.ImageFolder(
-        args.data, crop_size=args.crop_size, batch_size=args.batch_size, seed=args.seed
+        args.data,
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        scale=tuple(args.scale),
+        permute_channels=args.permute_channels,
     )
     key = jax.random.key(args.seed)
     if args.model is not None:
