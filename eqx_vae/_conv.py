@@ -1,4 +1,3 @@
-import functools
 from typing import Any
 
 import equinox as eqx
@@ -249,7 +248,6 @@ def _use_taps(
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def taps_conv3x3(
     weight: Float[Array, "o i 3 3"], x: Float[Array, "h2 w i"], out_dtype: Any
 ) -> Array:
@@ -260,6 +258,10 @@ def taps_conv3x3(
     Its gradients are those of the direct convolution: differentiating the shifted sum
     itself would pad each tap's cotangent to the size of all nine taps' contributions,
     and keep the nine alive at once."""
+    return _taps(weight, x, out_dtype)
+
+
+def _taps_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
     rows, width, channels = x.shape
     out = weight.shape[0]
     kernel = jnp.transpose(weight, (1, 2, 3, 0)).reshape(channels, 9 * out)
@@ -288,8 +290,11 @@ def _direct_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
     )[0]
 
 
+_taps = jax.custom_vjp(_taps_conv3x3, nondiff_argnums=(2,))
+
+
 def _taps_forward(weight: Array, x: Array, out_dtype: Any) -> tuple[Array, tuple[Array, Array]]:
-    return taps_conv3x3(weight, x, out_dtype), (weight, x)
+    return _taps_conv3x3(weight, x, out_dtype), (weight, x)
 
 
 def _taps_backward(
@@ -300,4 +305,4 @@ def _taps_backward(
     return pullback(cotangent)
 
 
-taps_conv3x3.defvjp(_taps_forward, _taps_backward)
+_taps.defvjp(_taps_forward, _taps_backward)
