@@ -121,6 +121,50 @@ def test_discriminator_against_torch():
     assert_close(out, t[0].numpy(), rtol=1e-5, what="discriminator")
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_reconstruction_gradients_match_diffusers(checkpoint):
+    # The gradients that training follows, through every layer (the few-channel and
+    # upsampling convolutions, attention, GroupNorm), against diffusers' autograd.
+    torch, diffusers = require_torch()
+    from eqx_vae._builtin import builtin_config
+
+    config = builtin_config()
+    vae = eqx_vae.AutoencoderKL(config, key=jax.random.key(5))
+    theirs = diffusers.AutoencoderKL.from_config(config.to_dict())
+    state = {
+        k: torch.from_numpy(np.array(v)) for k, v in eqx_vae.to_diffusers_state_dict(vae).items()
+    }
+    theirs.load_state_dict(state, strict=True)
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+
+    def loss(model):
+        ctx = Context(checkpoint=checkpoint)
+
+        def one(image):
+            moments = model.encode_hwc(jnp.transpose(image, (1, 2, 0)), ctx)
+            mean, logvar = jnp.split(moments, 2, axis=-1)
+            recon = model.decode_hwc(mean, ctx)
+            return jnp.mean(jnp.abs(jnp.transpose(recon, (2, 0, 1)) - image)), jnp.mean(logvar)
+
+        errors, logvars = jax.vmap(one)(jnp.asarray(x))
+        return jnp.mean(errors) + 1e-2 * jnp.mean(logvars)
+
+    ours = eqx_vae.to_diffusers_state_dict(eqx.filter_jit(eqx.filter_grad(loss))(vae))
+    xt = torch.from_numpy(x)
+    moments = theirs.quant_conv(theirs.encoder(xt))
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    recon = theirs.decoder(theirs.post_quant_conv(mean))
+    ((recon - xt).abs().mean() + 1e-2 * logvar.mean()).backward()
+    grads = {k: p.grad.numpy() for k, p in theirs.named_parameters()}
+    assert grads.keys() == ours.keys()
+    scale = max(float(np.abs(g).max()) for g in grads.values())
+    for name, want in grads.items():
+        # Per tensor within 1e-4 of its largest gradient; tensors whose gradient is zero
+        # in exact arithmetic (the attention keys' bias) within 1e-5 of the model's.
+        tolerance = max(1e-4 * float(np.abs(want).max()), 1e-5 * scale)
+        assert np.abs(ours[name] - want).max() <= tolerance, name
+
+
 def test_config_rejects_nonsense(without_typechecks):
     with pytest.raises(ValueError, match="reconstruction"):
         train.TrainConfig(reconstruction="l3")  # pyright: ignore[reportArgumentType]
