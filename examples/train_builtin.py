@@ -111,7 +111,7 @@ def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.ImageFolder) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/builtin", help="the run's folder")
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
