@@ -255,7 +255,7 @@ def taps_conv3x3(
     padded (`h + 2` in, `h` out), with zero padding 1 on the columns: every input pixel's
     contribution to every tap, by one matrix product, summed over the taps' shifts.
 
-    Its gradients are those of the direct convolution: differentiating the shifted sum
+    Its gradient is written out (`_taps_backward`): differentiating the shifted sum
     itself would pad each tap's cotangent to the size of all nine taps' contributions,
     and keep the nine alive at once."""
     return _taps(weight, x, out_dtype)
@@ -278,18 +278,6 @@ def _taps_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
     return y
 
 
-def _direct_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
-    """What `taps_conv3x3` computes, as one convolution."""
-    return jax.lax.conv_general_dilated(
-        x[None],
-        jnp.transpose(weight, (2, 3, 1, 0)),
-        (1, 1),
-        ((0, 0), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=out_dtype,
-    )[0]
-
-
 _taps = jax.custom_vjp(_taps_conv3x3, nondiff_argnums=(2,))
 
 
@@ -300,9 +288,25 @@ def _taps_forward(weight: Array, x: Array, out_dtype: Any) -> tuple[Array, tuple
 def _taps_backward(
     out_dtype: Any, residuals: tuple[Array, Array], cotangent: Array
 ) -> tuple[Array, Array]:
+    """The gradients by matrix products: the cotangent of every tap's contribution is a
+    shifted copy of the output's cotangent, stacked once."""
+    del out_dtype
     weight, x = residuals
-    _, pullback = jax.vjp(lambda w, v: _direct_conv3x3(w, v, out_dtype), weight, x)
-    return pullback(cotangent)
+    rows, width, channels = x.shape
+    out = weight.shape[0]
+    padded = jnp.pad(cotangent, ((2, 2), (1, 1), (0, 0)))
+    taps = jnp.stack(
+        [
+            jnp.stack([padded[2 - i : 2 - i + rows, 2 - j : 2 - j + width] for j in range(3)], 2)
+            for i in range(3)
+        ],
+        2,
+    ).reshape(rows * width, 9 * out)  # (rows, width, 3, 3, out) flattened
+    kernel = jnp.transpose(weight, (1, 2, 3, 0)).reshape(channels, 9 * out)
+    dx = jnp.matmul(taps, kernel.T.astype(taps.dtype)).reshape(rows, width, channels)
+    dkernel = jnp.matmul(x.reshape(rows * width, channels).T.astype(taps.dtype), taps)
+    dweight = jnp.transpose(dkernel.reshape(channels, 3, 3, out), (3, 0, 1, 2))
+    return dweight.astype(weight.dtype), dx.astype(x.dtype)
 
 
 _taps.defvjp(_taps_forward, _taps_backward)
