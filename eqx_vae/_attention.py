@@ -74,7 +74,11 @@ class AttentionBlock(eqx.Module):
         """The same computation on a channels-last image; see `Context` for `ctx`."""
         if ctx.checkpoint:
             inner = ctx.replace(checkpoint=False)
-            return checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
+
+            def call(block: "AttentionBlock", x: Array) -> Array:
+                return block.call_hwc(x, inner)
+
+            return checkpoint(call)(self, x)
         h, w, c = x.shape
         tokens = group_norm_hwc(self.group_norm, x, ctx).reshape(h * w, c)
         q = linear(self.to_q, tokens, ctx)

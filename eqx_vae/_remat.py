@@ -9,7 +9,7 @@ import jax
 from jaxtyping import Array
 
 
-Block = TypeVar("Block", bound=eqx.Module)
+Block = TypeVar("Block")
 
 
 def checkpoint(fn: Callable[[Block, Array], Array]) -> Callable[[Block, Array], Array]:

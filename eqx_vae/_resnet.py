@@ -74,7 +74,11 @@ class ResnetBlock2D(eqx.Module):
         """The same computation on a channels-last image; see `Context` for `ctx`."""
         if ctx.checkpoint:
             inner = ctx.replace(checkpoint=False)
-            return checkpoint(lambda block, x: block.call_hwc(x, inner))(self, x)
+
+            def call(block: "ResnetBlock2D", x: Array) -> Array:
+                return block.call_hwc(x, inner)
+
+            return checkpoint(call)(self, x)
         h = conv_hwc(self.conv1, group_norm_hwc(self.norm1, x, ctx, silu=True), ctx)
         h = conv_hwc(self.conv2, group_norm_hwc(self.norm2, h, ctx, silu=True), ctx)
         skip = x if self.conv_shortcut is None else conv_hwc(self.conv_shortcut, x, ctx)
