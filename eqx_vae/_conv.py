@@ -261,10 +261,16 @@ def taps_conv3x3(
     return _taps(weight, x, out_dtype)
 
 
+def _tap_kernel(weight: Array) -> Array:
+    """`weight` (o, i, 3, 3) as the matrix (i, 3 * 3 * o) of every tap's outputs."""
+    out, channels = weight.shape[:2]
+    return jnp.transpose(weight, (1, 2, 3, 0)).reshape(channels, 9 * out)
+
+
 def _taps_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
     rows, width, channels = x.shape
     out = weight.shape[0]
-    kernel = jnp.transpose(weight, (1, 2, 3, 0)).reshape(channels, 9 * out)
+    kernel = _tap_kernel(weight)
     contributions = jnp.matmul(
         x.reshape(rows * width, channels), kernel, preferred_element_type=out_dtype
     ).reshape(rows, width, 3, 3, out)
@@ -302,7 +308,7 @@ def _taps_backward(
         ],
         2,
     ).reshape(rows * width, 9 * out)  # (rows, width, 3, 3, out) flattened
-    kernel = jnp.transpose(weight, (1, 2, 3, 0)).reshape(channels, 9 * out)
+    kernel = _tap_kernel(weight)
     dx = jnp.matmul(taps, kernel.T.astype(taps.dtype)).reshape(rows, width, channels)
     dkernel = jnp.matmul(x.reshape(rows * width, channels).T.astype(taps.dtype), taps)
     dweight = jnp.transpose(dkernel.reshape(channels, 3, 3, out), (3, 0, 1, 2))
