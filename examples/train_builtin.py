@@ -95,6 +95,9 @@ def evaluate(model: eqx_vae.AutoencoderKL, images: dict[str, np.ndarray]) -> dic
             "ssim": float(eqx_vae.ssim(x, recon)),
             "bicubic_psnr": float(eqx_vae.psnr(x, bicubic)),
             "bicubic_ssim": float(eqx_vae.ssim(x, bicubic)),
+            # The mean of reconstruction minus input per colour channel (R, G, B): a
+            # colour cast, on the [-1, 1] scale.
+            "colour_error": [float(e) for e in jnp.mean(recon - x, axis=(1, 2))],
         }
     return results
 
