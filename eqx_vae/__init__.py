@@ -5,12 +5,17 @@ from ._attention import AttentionBlock as AttentionBlock
 from ._autoencoder import AutoencoderKL as AutoencoderKL
 from ._builtin import builtin_config as builtin_config, load_builtin as load_builtin
 from ._config import PRESETS as PRESETS, AutoencoderKLConfig as AutoencoderKLConfig
-from ._decoder import Decoder as Decoder, UpDecoderBlock2D as UpDecoderBlock2D
+from ._decoder import Decoder as Decoder
 from ._distribution import DiagonalGaussian as DiagonalGaussian
-from ._encoder import DownEncoderBlock2D as DownEncoderBlock2D, Encoder as Encoder
+from ._encoder import Encoder as Encoder
 from ._errors import CheckpointError as CheckpointError
+from ._levels import (
+    DownEncoderBlock2D as DownEncoderBlock2D,
+    UpDecoderBlock2D as UpDecoderBlock2D,
+)
 from ._metrics import bicubic_baseline as bicubic_baseline, psnr as psnr, ssim as ssim
 from ._mid_block import MidBlock2D as MidBlock2D
+from ._policy import Policy as Policy
 from ._resnet import ResnetBlock2D as ResnetBlock2D
 from ._sampling import Downsample2D as Downsample2D, Upsample2D as Upsample2D
 from ._serialisation import load as load, save as save

@@ -1,24 +1,33 @@
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-from ._context import DEFAULT, Context
-from ._conv import linear, to_chw, to_compute, to_hwc
-from ._custom_types import DTypeLike, KeyArray
-from ._norm import group_norm_hwc, make_group_norm
-from ._remat import checkpoint
+from . import _init as init
+from ._block import Block, split_keys
+from ._conv import linear
+from ._custom_types import DTypeLike, KeyArray, Observed
+from ._norm import group_norm, make_group_norm
+from ._policy import Policy
+from ._precision import to_compute
+from ._scope import Scope
 
 
-class AttentionBlock(eqx.Module):
+class AttentionBlock(Block):
     """Single-head self-attention over all pixels, as in the autoencoder's mid block.
 
     `x + to_out(softmax(q k^T / sqrt(C)) v)` where `q`, `k`, `v` are linear maps of
     `group_norm(x)` with the pixels as the sequence. The scores and the softmax are
     computed in float32. Long sequences are processed in blocks of queries, so memory
-    grows linearly with the number of pixels rather than quadratically.
+    grows linearly with the number of pixels rather than quadratically (see
+    `Policy.attention_block_bytes` and `Policy.attention`).
+
+    Called as `block(x, policy=...)` on `(channels, height, width)`; returns the same
+    shape.
     """
 
     group_norm: eqx.nn.GroupNorm
@@ -27,6 +36,8 @@ class AttentionBlock(eqx.Module):
     to_v: eqx.nn.Linear
     to_out: tuple[eqx.nn.Linear]
     channels: int = eqx.field(static=True)
+    _checkpointed: ClassVar[bool] = True
+    _whole_image: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -43,68 +54,78 @@ class AttentionBlock(eqx.Module):
         - `dtype`: parameter dtype (float32 by default).
         - `key`: a JAX PRNG key for the initialisation.
         """
-        kq, kk, kv, ko = jax.random.split(key, 4)
+        kq, kk, kv, ko = split_keys(key, 4)
         self.channels = channels
         self.group_norm = make_group_norm(
             channels, norm_num_groups, dtype=dtype, where=f"AttentionBlock({channels})"
         )
-        self.to_q = eqx.nn.Linear(channels, channels, dtype=dtype, key=kq)
-        self.to_k = eqx.nn.Linear(channels, channels, dtype=dtype, key=kk)
-        self.to_v = eqx.nn.Linear(channels, channels, dtype=dtype, key=kv)
-        self.to_out = (eqx.nn.Linear(channels, channels, dtype=dtype, key=ko),)
+        self.to_q = init.linear(channels, channels, dtype=dtype, key=kq)
+        self.to_k = init.linear(channels, channels, dtype=dtype, key=kk)
+        self.to_v = init.linear(channels, channels, dtype=dtype, key=kv)
+        self.to_out = (init.linear(channels, channels, dtype=dtype, key=ko),)
 
-    def __call__(
-        self, x: Float[Array, "{self.channels} h w"], *, key: KeyArray | None = None
-    ) -> Float[Array, "{self.channels} h w"]:
-        """**Arguments:**
+    @property
+    def in_channels(self) -> int:
+        return self.channels
 
-        - `x`: an unbatched image of shape `(channels, height, width)`.
-        - `key`: ignored.
+    @property
+    def out_channels(self) -> int:
+        return self.channels
 
-        **Returns:**
-
-        An array of the same shape.
-        """
-        del key
-        return to_chw(self.call_hwc(to_hwc(x)))
-
-    def call_hwc(
-        self, x: Float[Array, "h w {self.channels}"], ctx: Context = DEFAULT
-    ) -> Float[Array, "h w {self.channels}"]:
-        """The same computation on a channels-last image; see `Context` for `ctx`."""
-        if ctx.checkpoint:
-            inner = ctx.replace(checkpoint=False)
-
-            def call(block: "AttentionBlock", x: Array) -> Array:
-                return block.call_hwc(x, inner)
-
-            return checkpoint(call)(self, x)
+    def _compute(
+        self, x: Float[Array, "h w {self.channels}"], scope: Scope
+    ) -> tuple[Float[Array, "h w {self.channels}"], Observed]:
         h, w, c = x.shape
-        tokens = group_norm_hwc(self.group_norm, x, ctx).reshape(h * w, c)
-        q = linear(self.to_q, tokens, ctx)
-        k = linear(self.to_k, tokens, ctx)
-        v = linear(self.to_v, tokens, ctx)
-        if ctx.axis_name is not None:
+        normed, observed = group_norm(self.group_norm, x, scope.child("group_norm"))
+        tokens = normed.reshape(h * w, c)
+        policy = scope.policy
+        q = linear(self.to_q, tokens, policy)
+        k = linear(self.to_k, tokens, policy)
+        v = linear(self.to_v, tokens, policy)
+        if policy.axis_name is not None:
             # The queries of this shard attend to the keys of the whole image.
-            k = jax.lax.all_gather(k, ctx.axis_name, axis=0, tiled=True)
-            v = jax.lax.all_gather(v, ctx.axis_name, axis=0, tiled=True)
-        out = attend(q, k, v, ctx)
-        out = linear(self.to_out[0], out, ctx)
-        return x + out.reshape(h, w, c).astype(x.dtype)
+            k = jax.lax.all_gather(k, policy.axis_name, axis=0, tiled=True)
+            v = jax.lax.all_gather(v, policy.axis_name, axis=0, tiled=True)
+        out = linear(self.to_out[0], attend(q, k, v, policy), policy)
+        return x + out.reshape(h, w, c).astype(x.dtype), observed
+
+
+def attention_algorithm(
+    queries: int, keys: int, policy: Policy, backend: str | None = None
+) -> str:
+    """`"blocked"` or `"xla"` for `queries` attending to `keys`, after `policy.attention`
+    (see [`eqx_vae.Policy`][]); `backend` is JAX's default backend unless given."""
+    if policy.attention != "auto":
+        return policy.attention
+    if (backend or jax.default_backend()) == "cpu" or policy.dtype == np.float16:
+        return "blocked"
+    return "xla" if 4 * queries * keys <= policy.attention_block_bytes else "blocked"
 
 
 def attend(
-    q: Float[Array, "n d"], k: Float[Array, "m d"], v: Float[Array, "m d"], ctx: Context
+    q: Float[Array, "n d"], k: Float[Array, "m d"], v: Float[Array, "m d"], policy: Policy
 ) -> Float[Array, "n d"]:
-    """`softmax(q k^T / sqrt(d)) v`, with float32 scores, in blocks of queries small
-    enough that a block of scores stays under `ctx.attention_block_bytes`."""
+    """`softmax(q k^T / sqrt(d)) v` with float32 scores, by the algorithm
+    `attention_algorithm` chooses."""
+    n, d = q.shape
+    out_dtype = policy.stream_dtype(q.dtype)
+    if attention_algorithm(n, k.shape[0], policy) == "xla":
+        compute = q.dtype if policy.dtype is None else policy.dtype
+        q4, k4, v4 = (a.astype(compute)[None, :, None, :] for a in (q, k, v))
+        out = jax.nn.dot_product_attention(q4, k4, v4, scale=1.0 / math.sqrt(d))
+        return out[0, :, 0, :].astype(out_dtype)
+    return _blocked_attention(q, k, v, policy, out_dtype)
+
+
+def _blocked_attention(q: Array, k: Array, v: Array, policy: Policy, out_dtype: np.dtype) -> Array:
+    """Attention in blocks of queries small enough that a block of float32 scores stays
+    under `policy.attention_block_bytes`."""
     n, d = q.shape
     m = k.shape[0]
-    block = max(1, ctx.attention_block_bytes // (4 * m))
-    qc, q_scale = to_compute(q, ctx)
-    kc, k_scale = to_compute(k, ctx)
-    vc, v_scale = to_compute(v, ctx)
-    out_dtype = ctx.stream_dtype(q.dtype)
+    block = max(1, policy.attention_block_bytes // (4 * m))
+    qc, q_scale = to_compute(q, policy.dtype)
+    kc, k_scale = to_compute(k, policy.dtype)
+    vc, v_scale = to_compute(v, policy.dtype)
 
     def one_block(q_block: Array) -> Array:
         scores = jnp.matmul(q_block, kc.T, preferred_element_type=jnp.float32) / math.sqrt(d)

@@ -2,19 +2,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from . import _init as init
+from ._block import Step, block_step, conv_step, run_steps, split_keys
+from ._checks import check_input
 from ._config import AutoencoderKLConfig
-from ._context import Context, resolve_compute_dtype
-from ._conv import conv_hwc, to_chw, to_hwc
 from ._custom_types import DTypeLike, KeyArray
 from ._decoder import Decoder
 from ._distribution import DiagonalGaussian
 from ._encoder import Encoder
-from ._init import default_init
+from ._halo import to_chw, to_hwc
+from ._policy import Policy
+from ._scope import Scope
 
 
 class AutoencoderKL(eqx.Module):
@@ -22,7 +24,9 @@ class AutoencoderKL(eqx.Module):
     FLUX.1), with the structure and parameter names of diffusers' `AutoencoderKL`.
 
     Every method is unbatched: images are `(channels, height, width)`; use `jax.vmap`
-    for batches. Images are in `[-1, 1]`.
+    for batches. Images are in `[-1, 1]`. How a method runs (compute dtype,
+    checkpointing, a sharded axis, ...) is its `policy`, an [`eqx_vae.Policy`][], the same
+    object every block of the model takes.
 
     !!! Example
 
@@ -52,18 +56,51 @@ class AutoencoderKL(eqx.Module):
 
         - `config`: the hyperparameters; see [`eqx_vae.AutoencoderKLConfig`][].
         - `dtype`: parameter dtype (float32 by default).
-        - `key`: a JAX PRNG key for the random initialisation.
+        - `key`: a JAX PRNG key for the random initialisation. The encoder, decoder,
+            `quant_conv` and `post_quant_conv` are built from `jax.random.split(key, 4)`
+            in that order, so `Encoder(..., key=jax.random.split(key, 4)[0])` equals
+            `model.encoder`; the same key gives the same parameters eagerly, under
+            `jax.jit` and under `eqx.filter_eval_shape`.
         """
         if not isinstance(config, AutoencoderKLConfig):
             raise TypeError(
                 f"`config` must be an AutoencoderKLConfig, got {type(config).__name__}; "
                 "use `AutoencoderKL.from_config` for a dict."
             )
-        self.config = config
-        # Build the structure abstractly, then draw all parameters in one sweep (see
-        # `default_init`): far faster than initialising layer by layer.
-        parts = default_init(eqx.filter_eval_shape(_build_parts, config, dtype), key)
-        self.encoder, self.decoder, self.quant_conv, self.post_quant_conv = parts
+        c = config
+        self.config = c
+        k_enc, k_dec, k_quant, k_post = split_keys(key, 4)
+        self.encoder = Encoder(
+            c.in_channels,
+            c.latent_channels,
+            c.block_out_channels,
+            c.layers_per_block,
+            c.norm_num_groups,
+            c.mid_block_add_attention,
+            dtype,
+            key=k_enc,
+        )
+        self.decoder = Decoder(
+            c.latent_channels,
+            c.out_channels,
+            c.block_out_channels,
+            c.layers_per_block,
+            c.norm_num_groups,
+            c.mid_block_add_attention,
+            dtype,
+            key=k_dec,
+        )
+        moments = 2 * c.latent_channels
+        self.quant_conv = (
+            init.conv2d(moments, moments, 1, dtype=dtype, key=k_quant)
+            if c.use_quant_conv
+            else None
+        )
+        self.post_quant_conv = (
+            init.conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, key=k_post)
+            if c.use_post_quant_conv
+            else None
+        )
 
     @classmethod
     def from_config(
@@ -113,15 +150,35 @@ class AutoencoderKL(eqx.Module):
         """The parameters' dtype (the default compute dtype)."""
         return np.dtype(self.encoder.conv_in.weight.dtype)
 
-    def context(self, dtype: DTypeLike | None = None) -> Context:
-        """The execution context for computing in `dtype` (by default the parameters'),
-        after the precision policy: float16 on a model whose config sets
-        `force_upcast` computes in float32."""
-        compute = resolve_compute_dtype(dtype, self.dtype, self.config.force_upcast)
-        return Context(compute_dtype=compute)
+    def resolve_policy(
+        self, policy: Policy | None = None, *, dtype: DTypeLike | None = None
+    ) -> Policy:
+        """The policy `encode` and `decode` run under for the arguments `policy` and
+        `dtype`: `dtype` (a shorthand for `policy.dtype`; give it in one place only)
+        or, when neither sets one, the parameters' dtype; then a `float16` request on a
+        model whose config sets `force_upcast` (the published SD and SDXL VAEs, whose
+        activations exceed float16's range) computes in float32, as diffusers'
+        pipelines do."""
+        policy = Policy() if policy is None else policy
+        if dtype is not None:
+            if policy.dtype is not None and policy.dtype != np.dtype(jnp.dtype(dtype)):
+                raise ValueError(
+                    f"`dtype={np.dtype(jnp.dtype(dtype))}` contradicts the policy's "
+                    f"`dtype={policy.dtype}`; give the compute dtype in one place."
+                )
+            policy = policy.replace(dtype=dtype)
+        if policy.dtype is None:
+            policy = policy.replace(dtype=self.dtype)
+        if policy.dtype == np.float16 and self.config.force_upcast:
+            policy = policy.replace(dtype=np.float32)
+        return policy
 
     def encode(
-        self, x: Float[Array, "{self.in_channels} h w"], *, dtype: DTypeLike | None = None
+        self,
+        x: Float[Array, "{self.in_channels} h w"],
+        *,
+        dtype: DTypeLike | None = None,
+        policy: Policy | None = None,
     ) -> DiagonalGaussian:
         """Encodes an image to the latent posterior.
 
@@ -129,58 +186,47 @@ class AutoencoderKL(eqx.Module):
 
         - `x`: an unbatched image in `[-1, 1]` of shape `(in_channels, height, width)`;
             height and width must be multiples of `spatial_factor`.
-        - `dtype`: the compute dtype, by default the parameters'. In `bfloat16` or
-            `float16` the convolutions and matmuls take half-precision inputs while
-            normalisation, softmax, accumulation and the activations between layers stay
-            in float32 (so nothing overflows); `float16` on a model whose config sets
-            `force_upcast` computes in float32, as diffusers does.
+        - `dtype`: the compute dtype, by default the parameters'; a shorthand for
+            `policy=Policy(dtype=...)`. In `bfloat16` or `float16` the convolutions and
+            matmuls take half-precision inputs while normalisation, softmax,
+            accumulation and the activations between layers stay in float32 (so nothing
+            overflows); `float16` on a model whose config sets `force_upcast` computes
+            in float32, as diffusers does.
+        - `policy`: how to run; see [`eqx_vae.Policy`][] and `resolve_policy`.
 
         **Returns:**
 
         A [`eqx_vae.DiagonalGaussian`][] over latents of shape
         `(latent_channels, height / f, width / f)`.
         """
-        _check_input(x, "encode", "image", self.in_channels, self.spatial_factor)
-        ctx = self.context(dtype)
-        return DiagonalGaussian.from_moments(to_chw(self.encode_hwc(to_hwc(x), ctx)))
-
-    def encode_hwc(
-        self, x: Float[Array, "h w {self.in_channels}"], ctx: Context
-    ) -> Float[
-        Array, "h//{self.spatial_factor} w//{self.spatial_factor} {2*self.latent_channels}"
-    ]:
-        """The posterior moments of a channels-last image, in a given `Context`."""
-        moments = self.encoder.call_hwc(x.astype(ctx.stream_dtype(x.dtype)), ctx)
-        if self.quant_conv is not None:
-            moments = conv_hwc(self.quant_conv, moments, ctx)
-        return moments
+        check_input(x, "encode", "image", self.in_channels, self.spatial_factor)
+        policy = self.resolve_policy(policy, dtype=dtype)
+        moments, _ = run_steps(self._encode_steps(), self._prepare(x, policy), Scope(policy))
+        return posterior(moments)
 
     def decode(
-        self, z: Float[Array, "{self.latent_channels} h w"], *, dtype: DTypeLike | None = None
+        self,
+        z: Float[Array, "{self.latent_channels} h w"],
+        *,
+        dtype: DTypeLike | None = None,
+        policy: Policy | None = None,
     ) -> Float[Array, "{self.out_channels} {self.spatial_factor}*h {self.spatial_factor}*w"]:
         """Decodes a latent (unscaled: see `unscale_latents`) to an image.
 
         **Arguments:**
 
         - `z`: an unbatched latent of shape `(latent_channels, height, width)`.
-        - `dtype`: the compute dtype; see `encode`.
+        - `dtype`, `policy`: as in `encode`.
 
         **Returns:**
 
         An image of shape `(out_channels, height * f, width * f)`, nominally in
         `[-1, 1]` (not clipped), in float32 when computed in half precision.
         """
-        _check_input(z, "decode", "latent", self.latent_channels, 1)
-        return to_chw(self.decode_hwc(to_hwc(z), self.context(dtype)))
-
-    def decode_hwc(
-        self, z: Float[Array, "h w {self.latent_channels}"], ctx: Context
-    ) -> Float[Array, "{self.spatial_factor}*h {self.spatial_factor}*w {self.out_channels}"]:
-        """The image of a channels-last latent, in a given `Context`."""
-        z = z.astype(ctx.stream_dtype(z.dtype))
-        if self.post_quant_conv is not None:
-            z = conv_hwc(self.post_quant_conv, z, ctx)
-        return self.decoder.call_hwc(z, ctx)
+        check_input(z, "decode", "latent", self.latent_channels, 1)
+        policy = self.resolve_policy(policy, dtype=dtype)
+        image, _ = run_steps(self._decode_steps(), self._prepare(z, policy), Scope(policy))
+        return to_chw(image)
 
     def __call__(
         self,
@@ -188,12 +234,39 @@ class AutoencoderKL(eqx.Module):
         *,
         key: KeyArray | None = None,
         dtype: DTypeLike | None = None,
+        policy: Policy | None = None,
     ) -> Float[Array, "{self.out_channels} h w"]:
         """Reconstructs an image: encode, then decode a posterior sample when `key` is
-        given, or the posterior mode when it is `None`, computing in `dtype`."""
-        posterior = self.encode(x, dtype=dtype)
+        given, or the posterior mode when it is `None`, under `dtype`/`policy` (as in
+        `encode`)."""
+        posterior = self.encode(x, dtype=dtype, policy=policy)
         z = posterior.mode() if key is None else posterior.sample(key)
-        return self.decode(z, dtype=dtype)
+        return self.decode(z, dtype=dtype, policy=policy)
+
+    # The forward passes as steps, shared by `encode`/`decode`, tiling, sharding and
+    # training: the blocks' own forward passes, and the 1x1 convolutions around the
+    # latent.
+
+    def _encode_steps(self) -> tuple[Step, ...]:
+        """The steps from a channels-last image to the posterior's moments."""
+        steps = [block_step("encoder", self.encoder)]
+        if self.quant_conv is not None:
+            steps.append(conv_step("quant_conv", self.quant_conv))
+        return tuple(steps)
+
+    def _decode_steps(self) -> tuple[Step, ...]:
+        """The steps from a channels-last latent to the image."""
+        steps = (
+            []
+            if self.post_quant_conv is None
+            else [conv_step("post_quant_conv", self.post_quant_conv)]
+        )
+        return (*steps, block_step("decoder", self.decoder))
+
+    def _prepare(self, x: Float[Array, "c h w"], policy: Policy) -> Float[Array, "h w c"]:
+        """A channels-first input as the first step takes it: channels-last, in the
+        policy's stream dtype."""
+        return to_hwc(x.astype(policy.stream_dtype(x.dtype)))
 
     def scale_latents(
         self, z: Float[Array, "*batch {self.latent_channels} h w"]
@@ -229,6 +302,11 @@ class AutoencoderKL(eqx.Module):
         return z / c.scaling_factor
 
 
+def posterior(moments: Float[Array, "h w two_c"]) -> DiagonalGaussian:
+    """The posterior of channels-last moments (mean, then log-variance channels)."""
+    return DiagonalGaussian.from_moments(to_chw(moments))
+
+
 def _broadcast_stats(
     z: Array, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[Array, Array]:
@@ -238,85 +316,3 @@ def _broadcast_stats(
         jnp.asarray(np.reshape(mean, shape), z.dtype),
         jnp.asarray(np.reshape(std, shape), z.dtype),
     )
-
-
-def _build_parts(
-    c: AutoencoderKLConfig, dtype: DTypeLike | None
-) -> tuple[Encoder, Decoder, eqx.nn.Conv2d | None, eqx.nn.Conv2d | None]:
-    """The model's layers, with throwaway initial values (used under
-    `eqx.filter_eval_shape`, which only keeps their shapes)."""
-    k_enc, k_dec, k_quant, k_post = jax.random.split(jax.random.key(0), 4)
-    encoder = Encoder(
-        c.in_channels,
-        c.latent_channels,
-        c.block_out_channels,
-        c.layers_per_block,
-        c.norm_num_groups,
-        c.mid_block_add_attention,
-        dtype,
-        key=k_enc,
-    )
-    decoder = Decoder(
-        c.latent_channels,
-        c.out_channels,
-        c.block_out_channels,
-        c.layers_per_block,
-        c.norm_num_groups,
-        c.mid_block_add_attention,
-        dtype,
-        key=k_dec,
-    )
-    moments = 2 * c.latent_channels
-    quant_conv = (
-        eqx.nn.Conv2d(moments, moments, 1, dtype=dtype, key=k_quant) if c.use_quant_conv else None
-    )
-    post_quant_conv = (
-        eqx.nn.Conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, key=k_post)
-        if c.use_post_quant_conv
-        else None
-    )
-    return encoder, decoder, quant_conv, post_quant_conv
-
-
-def _check_input(x: Any, method: str, what: str, channels: int, multiple: int) -> None:
-    """Raises a clear error for inputs that would otherwise fail deep inside XLA or give
-    silently wrong results."""
-    shape = getattr(x, "shape", None)
-    dtype = getattr(x, "dtype", None)
-    if shape is None or dtype is None:
-        raise TypeError(f"`{method}` expects a JAX or NumPy array, got {type(x).__name__}.")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        hint = (
-            " Convert 8-bit images with `x.astype(jnp.float32) / 127.5 - 1`."
-            if what == "image"
-            else ""
-        )
-        raise TypeError(f"`{method}` expects a floating-point {what}, got dtype {dtype}.{hint}")
-    if len(shape) != 3:
-        batch_hint = (
-            f" `{method}` is unbatched: for a batch use `jax.vmap(model.{method})(x)`."
-            if len(shape) == 4
-            else ""
-        )
-        raise ValueError(
-            f"`{method}` expects one {what} of shape (channels, height, width), got "
-            f"shape {tuple(shape)}.{batch_hint}"
-        )
-    if shape[0] != channels:
-        layout_hint = (
-            " The layout is channels-first: transpose (height, width, channels) with "
-            "`x.transpose(2, 0, 1)`."
-            if shape[-1] == channels
-            else ""
-        )
-        raise ValueError(
-            f"`{method}` expects {channels} channels, got shape {tuple(shape)}.{layout_hint}"
-        )
-    height, width = shape[1], shape[2]
-    if height % multiple or width % multiple:
-        raise ValueError(
-            f"`{method}` needs height and width that are multiples of {multiple} (the "
-            f"spatial factor), got {height}x{width}; pad or crop the {what} to "
-            f"{-(-height // multiple) * multiple}x{-(-width // multiple) * multiple} or "
-            f"{height // multiple * multiple}x{width // multiple * multiple}."
-        )

@@ -1,9 +1,12 @@
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
-from jaxtyping import PRNGKeyArray
+from jax.typing import DTypeLike as DTypeLike
+from jaxtyping import Array, PRNGKeyArray
 
-
-# What `jnp.dtype` accepts: `jnp.float32`, `"bfloat16"`, a NumPy dtype, ...
-DTypeLike: TypeAlias = Any
 
 KeyArray: TypeAlias = PRNGKeyArray
+
+# The moments of a GroupNorm's input that a forward pass was asked to observe (see
+# `eqx_vae._tiling`), keyed by the GroupNorm's place: count, mean and the sum of
+# squared deviations of each group.
+Observed: TypeAlias = dict[str, tuple[Array, Array, Array]]

@@ -1,18 +1,17 @@
 import equinox as eqx
-import jax
-from jaxtyping import Array, Float
 
 from ._attention import AttentionBlock
-from ._context import DEFAULT, Context
-from ._conv import to_chw, to_hwc
+from ._block import SequentialBlock, Step, indexed_steps, split_keys
 from ._custom_types import DTypeLike, KeyArray
 from ._resnet import ResnetBlock2D
 
 
-class MidBlock2D(eqx.Module):
+class MidBlock2D(SequentialBlock):
     """The block at the lowest resolution: ResNet block, self-attention, ResNet block.
 
     With `add_attention=False` the attention is left out (`attentions` is empty).
+    Called as `block(x, policy=...)` on `(channels, height, width)`; returns the same
+    shape.
     """
 
     resnets: tuple[ResnetBlock2D, ResnetBlock2D]
@@ -36,7 +35,7 @@ class MidBlock2D(eqx.Module):
         - `dtype`: parameter dtype (float32 by default).
         - `key`: a JAX PRNG key for the initialisation.
         """
-        k1, k2, k3 = jax.random.split(key, 3)
+        k1, k2, k3 = split_keys(key, 3)
         self.channels = channels
         self.resnets = (
             ResnetBlock2D(channels, channels, norm_num_groups, dtype, key=k1),
@@ -47,26 +46,14 @@ class MidBlock2D(eqx.Module):
         else:
             self.attentions = ()
 
-    def __call__(
-        self, x: Float[Array, "{self.channels} h w"], *, key: KeyArray | None = None
-    ) -> Float[Array, "{self.channels} h w"]:
-        """**Arguments:**
+    @property
+    def in_channels(self) -> int:
+        return self.channels
 
-        - `x`: an unbatched feature map of shape `(channels, height, width)`.
-        - `key`: ignored.
+    @property
+    def out_channels(self) -> int:
+        return self.channels
 
-        **Returns:**
-
-        An array of the same shape.
-        """
-        del key
-        return to_chw(self.call_hwc(to_hwc(x)))
-
-    def call_hwc(
-        self, x: Float[Array, "h w {self.channels}"], ctx: Context = DEFAULT
-    ) -> Float[Array, "h w {self.channels}"]:
-        """The same computation on a channels-last feature map; see `Context`."""
-        x = self.resnets[0].call_hwc(x, ctx)
-        for attention in self.attentions:
-            x = attention.call_hwc(x, ctx)
-        return self.resnets[1].call_hwc(x, ctx)
+    def _steps(self) -> tuple[Step, ...]:
+        resnets = indexed_steps("resnets", self.resnets)
+        return (resnets[0], *indexed_steps("attentions", self.attentions), resnets[1])

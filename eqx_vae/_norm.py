@@ -1,10 +1,14 @@
+"""GroupNorm on channels-last activations, with its statistics from the input, from
+the shards of a split image, or from `Policy.norm_stats`."""
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._context import DEFAULT, Context, at_least_float32
-from ._custom_types import DTypeLike
+from ._custom_types import DTypeLike, Observed
+from ._precision import at_least_float32
+from ._scope import Scope
 
 
 # diffusers and CompVis use this epsilon in every GroupNorm of the autoencoder.
@@ -46,27 +50,43 @@ def group_moments(
     return mean, squares / count
 
 
-def group_norm_hwc(
-    norm: eqx.nn.GroupNorm,
-    x: Float[Array, "h w c"],
-    ctx: Context = DEFAULT,
-    *,
-    silu: bool = False,
-) -> Float[Array, "h w c"]:
-    """GroupNorm (optionally followed by SiLU) of a channels-last image.
+def owned_moments(
+    x: Float[Array, "h w g cg"], owned: Float[Array, "2 2"]
+) -> tuple[Float[Array, ""], Float[Array, " g"], Float[Array, " g"]]:
+    """Count, mean and sum of squared deviations of each group over the owned part of a
+    tile (`owned`: its rows' and columns' bounds as fractions of the tile)."""
+    h, w = x.shape[:2]
+    rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    in_rows = (rows >= owned[0, 0]) & (rows < owned[0, 1])
+    in_cols = (cols >= owned[1, 0]) & (cols < owned[1, 1])
+    mask = (in_rows[:, None] & in_cols[None, :]).astype(x.dtype)[:, :, None, None]
+    count = jnp.sum(mask) * x.shape[3]
+    mean = jnp.sum(x * mask, axis=(0, 1, 3)) / count
+    deviations = (x - mean.reshape(1, 1, -1, 1)) * mask
+    return count, mean, jnp.sum(jnp.square(deviations), axis=(0, 1, 3))
+
+
+def group_norm(
+    norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"], scope: Scope, *, silu: bool = False
+) -> tuple[Float[Array, "h w c"], Observed]:
+    """GroupNorm (optionally followed by SiLU) of a channels-last map; `scope` is the
+    GroupNorm's own (its `place` keys `policy.norm_stats`).
 
     Statistics, the affine transform and the activation are computed in float32
     whatever the input dtype, and the result is cast back: half-precision sums over
-    millions of pixels would otherwise lose the mean.
+    millions of pixels would otherwise lose the mean. Returns the result and, when
+    `scope` asks for it, the moments of the input over the owned part of the tile.
     """
     h, w, c = x.shape
     groups = norm.groups
     wide = at_least_float32(x.dtype)
     xf = x.astype(wide).reshape(h, w, groups, c // groups)
-    if ctx.norm_stats is not None:
-        mean, var = ctx.norm_stats.moments(xf, ctx)
+    given = (scope.policy.norm_stats or {}).get(scope.place)
+    if given is not None:
+        mean, var = (s.astype(wide) for s in given)
     else:
-        mean, var = group_moments(xf, ctx.axis_name)
+        mean, var = group_moments(xf, scope.policy.axis_name)
     scale = jax.lax.rsqrt(var + norm.eps).reshape(1, 1, groups, 1)
     y = ((xf - mean.reshape(1, 1, groups, 1)) * scale).reshape(h, w, c)
     if norm.weight is not None:
@@ -75,4 +95,5 @@ def group_norm_hwc(
         y = y + norm.bias.astype(wide).reshape(1, 1, c)
     if silu:
         y = jax.nn.silu(y)
-    return y.astype(x.dtype)
+    observed = {} if scope.owned is None else {scope.place: owned_moments(xf, scope.owned)}
+    return y.astype(x.dtype), observed

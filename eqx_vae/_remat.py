@@ -2,7 +2,7 @@
 instead of stored."""
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -10,11 +10,17 @@ from jaxtyping import Array
 
 
 Block = TypeVar("Block")
+Scope = TypeVar("Scope")
+Out = TypeVar("Out")
 
 
-def checkpoint(fn: Callable[[Block, Array], Array]) -> Callable[[Block, Array], Array]:
-    """`fn(block, x)`, differentiated by recomputing it from `block` and `x` in the
-    backward pass rather than keeping its intermediate values.
+def checkpoint(
+    fn: Callable[[Block, Array, Scope], Out],
+) -> Callable[[Block, Array, Scope], Out]:
+    """`fn(block, x, scope)`, differentiated by recomputing it from its arguments in the
+    backward pass rather than keeping its intermediate values. Every array of the
+    arguments (the block's parameters, the input, any statistics in `scope`) is an
+    input of the recomputation, so that re-tracing it sees the same values.
 
     Off the CPU this is `eqx.filter_checkpoint`. XLA's CPU compiler removes the
     optimisation barriers that `jax.checkpoint` places around the recomputation before
@@ -27,36 +33,37 @@ def checkpoint(fn: Callable[[Block, Array], Array]) -> Callable[[Block, Array], 
     if jax.default_backend() != "cpu":
         return eqx.filter_checkpoint(fn)
 
-    def wrapped(block: Block, x: Array) -> Array:
-        params, static = eqx.partition(block, eqx.is_array)
+    def wrapped(block: Block, x: Array, scope: Scope) -> Out:
+        params, static = eqx.partition((block, scope), eqx.is_array)
 
-        def call(params: Block, x: Array) -> Array:
-            return fn(eqx.combine(params, static), x)
+        def call(params: Any, x: Array) -> Out:
+            block, scope = eqx.combine(params, static)
+            return fn(block, x, scope)
 
         @jax.custom_vjp
-        def remat(params: Block, x: Array) -> Array:
+        def remat(params: Any, x: Array) -> Out:
             return call(params, x)
 
-        def forward(params: Block, x: Array) -> tuple[Array, tuple[Block, Array]]:
+        def forward(params: Any, x: Array) -> tuple[Out, tuple[Any, Array]]:
             return call(params, x), (params, x)
 
-        def backward(residuals: tuple[Block, Array], cotangent: Array) -> tuple[Block, Array]:
+        def backward(residuals: tuple[Any, Array], cotangent: Any) -> tuple[Any, Array]:
             # The forward pass is recomputed inside the conditional, and what the
             # gradient needs of it comes out as the pullback's arrays; the gradient's own
             # convolutions run outside, where the compiler gives them its fast kernels
             # (inside a branch they fall back to a generic, much slower one).
             structure = []
 
-            def recompute(
-                residuals: tuple[Block, Array], cotangent: Array
-            ) -> tuple[list[Array], Array]:
+            def recompute(residuals: tuple[Any, Array], cotangent: Any) -> tuple[list, Any]:
                 pullback = jax.vjp(call, *residuals)[1]
                 leaves, treedef = jax.tree_util.tree_flatten(pullback)
                 structure.append(treedef)
                 # Ties the branch to the cotangent (zero unless a parameter is NaN), so
                 # that it runs in the backward pass rather than early.
                 first = jax.tree_util.tree_leaves(residuals)[0].ravel()[0]
-                return leaves, cotangent + (first - first).astype(cotangent.dtype)
+                tie = first - first
+                tied = jax.tree_util.tree_map(lambda c: c + tie.astype(c.dtype), cotangent)
+                return leaves, tied
 
             # A predicate the compiler cannot evaluate (false only for a NaN parameter,
             # where either branch gives the same result). Taken from the parameters,

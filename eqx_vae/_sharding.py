@@ -10,10 +10,14 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float
 
-from ._autoencoder import AutoencoderKL, _check_input
-from ._conv import to_chw, to_hwc
+from ._autoencoder import AutoencoderKL, posterior
+from ._block import run_steps
+from ._checks import check_input
 from ._custom_types import DTypeLike
 from ._distribution import DiagonalGaussian
+from ._halo import to_chw
+from ._policy import Policy
+from ._scope import Scope
 
 
 def sharded_decode(
@@ -23,6 +27,7 @@ def sharded_decode(
     axis_name: str,
     *,
     dtype: DTypeLike | None = None,
+    policy: Policy | None = None,
 ) -> Float[Array, "o H W"]:
     """Decodes one latent with its height split over the devices of `mesh` along
     `axis_name`.
@@ -40,7 +45,8 @@ def sharded_decode(
         multiple of the number of devices along `axis_name`.
     - `mesh`: a `jax.sharding.Mesh`; other mesh axes see replicated work.
     - `axis_name`: the mesh axis to split the height over.
-    - `dtype`: the compute dtype, as in [`eqx_vae.AutoencoderKL.decode`][].
+    - `dtype`, `policy`: how to run, as in [`eqx_vae.AutoencoderKL.decode`][]; the
+        policy's `axis_name` is set to `axis_name`.
 
     **Returns:**
 
@@ -54,14 +60,15 @@ def sharded_decode(
         image = eqx.filter_jit(eqx_vae.sharded_decode)(model, z, mesh, "rows")
         ```
     """
-    _check_input(z, "sharded_decode", "latent", model.latent_channels, 1)
+    check_input(z, "sharded_decode", "latent", model.latent_channels, 1)
     _check_rows(z.shape[1], mesh, axis_name, 1, "latent")
-    ctx = model.context(dtype).replace(axis_name=axis_name)
+    policy = model.resolve_policy(policy, dtype=dtype).replace(axis_name=axis_name)
     params, static = eqx.partition(model, eqx.is_array)
 
     def local(params: AutoencoderKL, z_local: Array) -> Array:
         m = eqx.combine(params, static)
-        return to_chw(m.decode_hwc(to_hwc(z_local), ctx))
+        image, _ = run_steps(m._decode_steps(), m._prepare(z_local, policy), Scope(policy))
+        return to_chw(image)
 
     return _run(local, mesh, axis_name, params, z)
 
@@ -73,6 +80,7 @@ def sharded_encode(
     axis_name: str,
     *,
     dtype: DTypeLike | None = None,
+    policy: Policy | None = None,
 ) -> DiagonalGaussian:
     """Encodes one image with its height split over the devices of `mesh` along
     `axis_name`; the counterpart of [`eqx_vae.sharded_decode`][]. The height must be a
@@ -82,14 +90,15 @@ def sharded_encode(
 
     The posterior, its arrays sharded over `axis_name` along the height.
     """
-    _check_input(x, "sharded_encode", "image", model.in_channels, model.spatial_factor)
+    check_input(x, "sharded_encode", "image", model.in_channels, model.spatial_factor)
     _check_rows(x.shape[1], mesh, axis_name, model.spatial_factor, "image")
-    ctx = model.context(dtype).replace(axis_name=axis_name)
+    policy = model.resolve_policy(policy, dtype=dtype).replace(axis_name=axis_name)
     params, static = eqx.partition(model, eqx.is_array)
 
     def local(params: AutoencoderKL, x_local: Array) -> DiagonalGaussian:
         m = eqx.combine(params, static)
-        return DiagonalGaussian.from_moments(to_chw(m.encode_hwc(to_hwc(x_local), ctx)))
+        moments, _ = run_steps(m._encode_steps(), m._prepare(x_local, policy), Scope(policy))
+        return posterior(moments)
 
     return _run(local, mesh, axis_name, params, x)
 

@@ -1,33 +1,40 @@
 """Encoding and decoding images larger than memory allows in one piece, with the same
 result as in one piece.
 
-The network is cut where the resolution changes. The latent-resolution part (with
-the attention over all pixels) runs whole: it is small. Each resolution stage in
-between runs tile by tile over the stage's input, which is kept whole: every tile reads
-its part of the input plus a margin wider than the stage's receptive field, and
-contributes only the part it owns to the stage's output, so the convolutions see
-exactly what they would see untiled. GroupNorm needs the statistics of the whole
-image, which depend on every earlier layer; within a stage they are found layer by
-layer, each time running the tiles up to that GroupNorm with the statistics already
-known and pooling the moments of the parts the tiles own. A stage with `G` GroupNorms
-costs about `G / 2 + 1` runs of it, but memory stays that of one tile plus the stage's
-input and output.
+The model is cut where its modules begin and end: the forward pass is the model's
+steps (`AutoencoderKL._decode_steps()`), and a step that needs the whole image (one
+holding an attention block) but changes the resolution (the decoder, the encoder) is
+replaced by its own steps. What needs the whole image (the mid block) then runs whole;
+it sits at the latent's resolution, where it is small. The other steps are grouped
+into stages that end where the resolution changes, and each stage runs tile by tile
+over its input, which is kept whole: every tile reads its part of the input plus a
+margin wider than the stage's receptive field (counted from the stage's convolutions)
+and contributes only the part it owns to the stage's output, so the convolutions see
+exactly what they would see untiled. GroupNorm needs the statistics of the whole image:
+within a stage they are found one GroupNorm after another, each time running the tiles
+with the statistics already known and pooling the moments of the parts the tiles own
+(see `eqx_vae._tiles`); the last pass gets them as `Policy.norm_stats`. A stage with
+`G` GroupNorms costs about `G / 2 + 1` runs of itself, but memory stays that of one
+tile plus the stage's input and output.
 """
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
+import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._autoencoder import AutoencoderKL, _check_input
-from ._context import Context
-from ._conv import conv_hwc, to_chw, to_hwc
+from ._autoencoder import AutoencoderKL, posterior
+from ._block import Block, SequentialBlock, Step, run_steps, substeps
+from ._checks import check_input
 from ._custom_types import DTypeLike
 from ._distribution import DiagonalGaussian
-from ._norm import group_moments
+from ._halo import to_chw
+from ._policy import Policy
+from ._scope import Scope
+from ._tiles import run_stage
 
 
 def tiled_decode(
@@ -37,6 +44,7 @@ def tiled_decode(
     tile_size: int = 512,
     exact_statistics: bool = True,
     dtype: DTypeLike | None = None,
+    policy: Policy | None = None,
 ) -> Float[Array, "o H W"]:
     """Decodes a latent tile by tile, in memory bounded by the tile size, with the same
     result as `model.decode(z)` (up to floating-point reordering).
@@ -50,7 +58,9 @@ def tiled_decode(
     - `exact_statistics`: normalise every tile with GroupNorm statistics of the whole
         image (found layer by layer; a stage costs a few runs of itself), rather than
         of the tile (one run; tiles then differ in tone, as diffusers' tiles do).
-    - `dtype`: the compute dtype, as in [`eqx_vae.AutoencoderKL.decode`][].
+    - `dtype`, `policy`: how to run, as in [`eqx_vae.AutoencoderKL.decode`][];
+        `Policy(checkpoint=True)` makes the tiled decode differentiable in bounded
+        memory.
 
     **Returns:**
 
@@ -63,28 +73,11 @@ def tiled_decode(
         image = decode(model, z)  # z: (4, 256, 256) -> a 2048x2048 image
         ```
     """
-    _check_input(z, "tiled_decode", "latent", model.latent_channels, 1)
-    _check_tile(tile_size, 2)
-    ctx = model.context(dtype)
-    decoder = model.decoder
-    x = to_hwc(z).astype(ctx.stream_dtype(z.dtype))
-    if model.post_quant_conv is not None:
-        x = conv_hwc(model.post_quant_conv, x, ctx)
-    x = decoder.latent_stage_hwc(x, ctx)
-    # The receptive field of a stage: the upsampler's and every ResNet convolution's
-    # 3x3 window, plus the output convolution, in output pixels.
-    radius = 1 + 2 * len(decoder.up_blocks[-1].resnets) + 1
-    for stage in range(decoder.num_upsampling_stages):
-        x = _run_stage(
-            lambda x, c, stage=stage: decoder.upsampling_stage_hwc(stage, x, c),
-            x,
-            ctx,
-            scale=2,
-            tile=tile_size // 2,
-            margin=math.ceil(radius / 2) + 1,
-            exact=exact_statistics,
-        )
-    return to_chw(x)
+    check_input(z, "tiled_decode", "latent", model.latent_channels, 1)
+    check_tile(tile_size)
+    policy = model.resolve_policy(policy, dtype=dtype)
+    steps = model._decode_steps()
+    return to_chw(run_tiled(steps, model._prepare(z, policy), policy, tile_size, exact_statistics))
 
 
 def tiled_encode(
@@ -94,6 +87,7 @@ def tiled_encode(
     tile_size: int = 512,
     exact_statistics: bool = True,
     dtype: DTypeLike | None = None,
+    policy: Policy | None = None,
 ) -> DiagonalGaussian:
     """Encodes an image tile by tile, in memory bounded by the tile size, with the same
     result as `model.encode(x)`; the counterpart of [`eqx_vae.tiled_decode`][].
@@ -104,36 +98,24 @@ def tiled_encode(
         multiples of `spatial_factor`.
     - `tile_size`: the largest tile, in pixels of each stage's input (the image for
         the first stage).
-    - `exact_statistics`, `dtype`: as in `tiled_decode`.
+    - `exact_statistics`, `dtype`, `policy`: as in `tiled_decode`.
 
     **Returns:**
 
     The posterior over the whole latent.
     """
-    _check_input(x, "tiled_encode", "image", model.in_channels, model.spatial_factor)
-    _check_tile(tile_size, 2)
-    ctx = model.context(dtype)
-    encoder = model.encoder
-    h = to_hwc(x).astype(ctx.stream_dtype(x.dtype))
-    # `conv_in`, the ResNet convolutions and the downsampler, in input pixels.
-    radius = 1 + 2 * len(encoder.down_blocks[0].resnets) + 1
-    for stage in range(encoder.num_downsampling_stages):
-        h = _run_stage(
-            lambda h, c, stage=stage: encoder.downsampling_stage_hwc(stage, h, c),
-            h,
-            ctx,
-            scale=0.5,
-            tile=tile_size,
-            margin=radius + 1 + (radius + 1) % 2,
-            exact=exact_statistics,
-        )
-    moments = encoder.latent_stage_hwc(h, ctx)
-    if model.quant_conv is not None:
-        moments = conv_hwc(model.quant_conv, moments, ctx)
-    return DiagonalGaussian.from_moments(to_chw(moments))
+    check_input(x, "tiled_encode", "image", model.in_channels, model.spatial_factor)
+    check_tile(tile_size)
+    policy = model.resolve_policy(policy, dtype=dtype)
+    steps = model._encode_steps()
+    return posterior(
+        run_tiled(steps, model._prepare(x, policy), policy, tile_size, exact_statistics)
+    )
 
 
-def _check_tile(tile_size: int, multiple: int) -> None:
+def check_tile(tile_size: int, multiple: int = 2) -> None:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int):
+        raise ValueError(f"`tile_size` must be an int, got {tile_size!r}.")
     if tile_size < 4 * multiple or tile_size % multiple:
         raise ValueError(
             f"`tile_size={tile_size}` must be a multiple of {multiple} and at least "
@@ -141,153 +123,101 @@ def _check_tile(tile_size: int, multiple: int) -> None:
         )
 
 
-class _Axis(NamedTuple):
-    """How an axis is cut, all on even pixels (so that halving or doubling the
-    resolution keeps tiles aligned)."""
-
-    window: int  # the size of every tile's window: its part plus margins
-    block: int  # the size of every tile's output block (the last may overlap)
-    starts: list[int]  # where each window starts
-    cuts: list[int]  # the boundaries of the parts the tiles own: a partition
-    writes: list[int]  # where each tile's output block starts
-
-
-def _axis_tiles(n: int, tile: int, margin: int) -> _Axis:
-    tile = max(2, tile // 2 * 2)
-    margin += margin % 2
-    if tile + 2 * margin >= n:
-        return _Axis(window=n, block=n, starts=[0], cuts=[0, n], writes=[0])
-    count = math.ceil(n / tile)
-    cuts = [min(n, i * tile) for i in range(count + 1)]
-    window = tile + 2 * margin
-    writes = [min(cuts[i], n - tile) for i in range(count)]
-    starts = [min(max(0, w - margin), n - window) for w in writes]
-    return _Axis(window=window, block=tile, starts=starts, cuts=cuts, writes=writes)
-
-
-class _Stop(Exception):
-    """Ends the tracing of a tile once the GroupNorm being measured is reached."""
-
-    def __init__(self, moments: tuple[Array, Array, Array]):
-        super().__init__()
-        self.moments = moments
-
-
-class _Statistics:
-    """The GroupNorm statistics of a tile's pass: the known whole-image statistics for
-    the first layers; then, if `measure` is set, the moments of the next layer's input
-    over the tile's owned part (and stop); with no statistics given, the tile's own."""
-
-    def __init__(self, known: list[tuple[Array, Array]], owned: Array | None, local: bool):
-        self.known = iter(known)
-        self.owned = owned  # (2, 2): rows and columns, as fractions of the window
-        self.local = local
-
-    def moments(self, x: Float[Array, "h w g cg"], ctx: Context) -> tuple[Array, Array]:
-        if self.local:
-            return group_moments(x, ctx.axis_name)
-        stats = next(self.known, None)
-        if stats is not None:
-            return stats
-        assert self.owned is not None
-        raise _Stop(_owned_moments(x, self.owned))
-
-
-def _owned_moments(x: Float[Array, "h w g cg"], owned: Array) -> tuple[Array, Array, Array]:
-    """Count, mean and sum of squared deviations of each group over the owned part."""
-    h, w = x.shape[:2]
-    rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
-    cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
-    in_rows = (rows >= owned[0, 0]) & (rows < owned[0, 1])
-    in_cols = (cols >= owned[1, 0]) & (cols < owned[1, 1])
-    mask = (in_rows[:, None] & in_cols[None, :]).astype(x.dtype)[:, :, None, None]
-    count = jnp.sum(mask) * x.shape[3]
-    mean = jnp.sum(x * mask, axis=(0, 1, 3)) / count
-    deviations = (x - mean.reshape(1, 1, -1, 1)) * mask
-    return count, mean, jnp.sum(jnp.square(deviations), axis=(0, 1, 3))
-
-
-def _pool(count: Array, mean: Array, squares: Array) -> tuple[Array, Array]:
-    """Whole-image mean and variance from per-tile counts, means and sums of squared
-    deviations (stacked over the tiles), by Chan et al.'s parallel formula."""
-    total = jnp.sum(count)
-    overall = jnp.sum(count[:, None] * mean, axis=0) / total
-    spread = jnp.sum(squares + count[:, None] * jnp.square(mean - overall[None, :]), axis=0)
-    return overall, spread / total
-
-
-def _run_stage(
-    stage: Callable[[Array, Context], Array],
-    x: Array,
-    ctx: Context,
-    *,
-    scale: int | float,
-    tile: int,
-    margin: int,
-    exact: bool,
+def run_tiled(
+    steps: Sequence[Step], x: Array, policy: Policy, tile_size: int, exact: bool
 ) -> Array:
-    """`stage(x)` computed tile by tile (see the module's docstring)."""
-    rows = _axis_tiles(x.shape[0], tile, margin)
-    cols = _axis_tiles(x.shape[1], tile, margin)
-    grid = [(i, j) for i in range(len(rows.starts)) for j in range(len(cols.starts))]
-    window = (rows.window, cols.window)
+    """The steps on a channels-last input, stage by stage (see the module's docstring)."""
+    scope = Scope(policy)
+    for whole, stage in stages(steps):
+        if whole:
+            x, _ = run_steps(stage, x, scope)
+            continue
+        scale = math.prod(scale_of(step.module) for step in stage)
+        x = run_stage(
+            lambda window, s, stage=stage: run_steps(stage, window, s),
+            x,
+            scope,
+            scale=scale,
+            tile=round(tile_size / max(1.0, scale)),
+            margin=math.ceil(steps_reach(stage)),
+            exact=exact,
+        )
+    return x
 
-    def per_tile(axis: _Axis, index: int) -> tuple[int, int, float, float]:
-        start, write = axis.starts[index], axis.writes[index]
-        cut0, cut1 = axis.cuts[index], axis.cuts[index + 1]
-        return start, write, (cut0 - start) / axis.window, (cut1 - start) / axis.window
 
-    info = [(per_tile(rows, i), per_tile(cols, j)) for i, j in grid]
-    tiles = {
-        "start": jnp.asarray([[r[0], c[0]] for r, c in info], jnp.int32),
-        # Where the tile's output block lies within its output and in the stage's.
-        "offset": jnp.asarray(
-            [[round((r[1] - r[0]) * scale), round((c[1] - c[0]) * scale)] for r, c in info],
-            jnp.int32,
-        ),
-        "target": jnp.asarray(
-            [[round(r[1] * scale), round(c[1] * scale)] for r, c in info], jnp.int32
-        ),
-        # The owned part, as fractions of the window, for the statistics.
-        "owned": jnp.asarray([[[r[2], r[3]], [c[2], c[3]]] for r, c in info], jnp.float32),
-    }
-    several = len(grid) > 1
+def stages(steps: Sequence[Step]) -> list[tuple[bool, list[Step]]]:
+    """The steps, refined where a step needs the whole image but changes the
+    resolution, grouped into `(whole, steps)`: a step that needs the whole image alone,
+    or a stage of local steps that ends where the resolution changes."""
+    out: list[tuple[bool, list[Step]]] = []
+    current: list[Step] = []
+    for step in _refine(steps):
+        if not is_local(step.module):
+            if current:
+                out.append((False, current))
+                current = []
+            out.append((True, [step]))
+            continue
+        current.append(step)
+        if scale_of(step.module) != 1:
+            out.append((False, current))
+            current = []
+    if current:
+        out.append((False, current))
+    return out
 
-    def window_of(t: dict[str, Array]) -> Array:
-        origin = (t["start"][0], t["start"][1], jnp.int32(0))
-        return jax.lax.dynamic_slice(x, origin, (*window, x.shape[2]))
 
-    stats: list[tuple[Array, Array]] = []
-    if exact and several:
-        while True:
+def _refine(steps: Sequence[Step]) -> list[Step]:
+    out = []
+    for step in steps:
+        module = step.module
+        if isinstance(module, SequentialBlock) and not is_local(module) and scale_of(module) != 1:
+            out.extend(_refine(substeps(step)))
+        else:
+            out.append(step)
+    return out
 
-            def measure(t: dict[str, Array]) -> tuple[Array, Array, Array] | None:
-                norm = _Statistics(stats, t["owned"], local=False)
-                try:
-                    stage(window_of(t), ctx.replace(norm_stats=norm))
-                except _Stop as stop:
-                    return stop.moments
-                return None
 
-            first = jax.tree_util.tree_map(lambda a: a[0], tiles)
-            if jax.eval_shape(measure, first) is None:
-                break  # every GroupNorm of the stage has its statistics
-            stats.append(_pool(*jax.lax.map(measure, tiles)))
-
-    block = (round(rows.block * scale), round(cols.block * scale))
-    out_h, out_w = round(x.shape[0] * scale), round(x.shape[1] * scale)
-
-    def step(result: Array, t: dict[str, Array]) -> tuple[Array, None]:
-        norm = _Statistics(stats, None, local=not exact) if several else None
-        y = stage(window_of(t), ctx.replace(norm_stats=norm))
-        offset, target = t["offset"], t["target"]
-        part = jax.lax.dynamic_slice(y, (offset[0], offset[1], jnp.int32(0)), (*block, y.shape[2]))
-        return jax.lax.dynamic_update_slice(
-            result, part, (target[0], target[1], jnp.int32(0))
-        ), None
-
-    probe = jax.eval_shape(
-        lambda t: stage(window_of(t), ctx), jax.tree_util.tree_map(lambda a: a[0], tiles)
+def is_local(module: Any) -> bool:
+    """Whether each output pixel depends only on nearby input pixels (and GroupNorm
+    statistics): no block inside mixes the whole image."""
+    leaves = jax.tree_util.tree_leaves(
+        module, is_leaf=lambda m: isinstance(m, Block) and m._whole_image
     )
-    result = jnp.zeros((out_h, out_w, probe.shape[2]), probe.dtype)
-    return jax.lax.scan(step, result, tiles)[0]
+    return not any(isinstance(leaf, Block) for leaf in leaves)
+
+
+def scale_of(module: Any) -> float:
+    """How much the module multiplies the height and width by."""
+    if isinstance(module, SequentialBlock):
+        return math.prod(scale_of(step.module) for step in module._steps())
+    if isinstance(module, Block):
+        return module._scale
+    if isinstance(module, eqx.nn.Conv2d):
+        return 1.0 / module.stride[0]
+    return 1.0
+
+
+def steps_reach(steps: Sequence[Step]) -> float:
+    """How far (in input pixels) an output pixel of the steps can see."""
+    total, resolution = 0.0, 1.0
+    for step in steps:
+        total += reach(step.module) / resolution
+        resolution *= scale_of(step.module)
+    return total
+
+
+def reach(module: Any) -> float:
+    """How far (in input pixels) an output pixel of the module can see: the sum of its
+    convolutions' reaches (those of an upsampling block run on the upsampled map)."""
+    if isinstance(module, SequentialBlock):
+        return steps_reach(module._steps())
+    convs = jax.tree_util.tree_leaves(module, is_leaf=lambda m: isinstance(m, eqx.nn.Conv2d))
+    total = 0.0
+    for conv in convs:
+        if isinstance(conv, eqx.nn.Conv2d):
+            lows = [int(lo) for lo, _ in conv.padding]  # pyright: ignore[reportGeneralTypeIssues]
+            spans = [(k - 1) * d for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+            total += max(max(lo, span - lo) for lo, span in zip(lows, spans, strict=True))
+    scale = scale_of(module)
+    return total / scale if scale > 1 else total

@@ -71,3 +71,52 @@ def test_reconstruction_shapes_for_non_square_inputs(getkey):
     assert model.decode(posterior.mode()).shape == (2, 8, 14)
     assert model(x).shape == (2, 8, 14)
     assert model.spatial_factor == 2 and model.in_channels == 4 and model.out_channels == 2
+
+
+def _arrays(tree):
+    import equinox as eqx
+
+    return jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
+
+
+def _assert_identical(a, b):
+    la, lb = _arrays(a), _arrays(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_same_key_same_parameters_eagerly_jitted_and_abstractly():
+    import equinox as eqx
+
+    config = small_config(block_out_channels=(16, 32, 32), norm_num_groups=8)
+    key = jax.random.key(7)
+    eager = eqx_vae.AutoencoderKL(config, key=key)
+    _assert_identical(eager, eqx_vae.AutoencoderKL(config, key=key))
+    jitted = eqx.filter_jit(lambda k: eqx_vae.AutoencoderKL(config, key=k))(key)
+    _assert_identical(eager, jitted)
+    skeleton = eqx.filter_eval_shape(eqx_vae.AutoencoderKL, config, key=key)
+    shapes = [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(skeleton)]
+    assert shapes == [(leaf.shape, leaf.dtype) for leaf in _arrays(eager)]
+    # A parameter dtype is the float32 draw, rounded.
+    half = eqx_vae.AutoencoderKL(config, jnp.bfloat16, key=key)
+    _assert_identical(half, jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), eager))
+    other = eqx_vae.AutoencoderKL(config, key=jax.random.key(8))
+    assert not np.array_equal(other.decoder.conv_out.weight, eager.decoder.conv_out.weight)
+
+
+def test_submodules_built_alone_equal_the_models():
+    config = small_config(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=2)
+    key = jax.random.key(3)
+    model = eqx_vae.AutoencoderKL(config, key=key)
+    k_enc, k_dec, _, _ = jax.random.split(key, 4)
+    encoder = eqx_vae.Encoder(3, 4, (16, 32), 2, 8, key=k_enc)
+    _assert_identical(encoder, model.encoder)
+    _assert_identical(eqx_vae.Decoder(4, 3, (16, 32), 2, 8, key=k_dec), model.decoder)
+    # Down to a single block: the encoder gives its first level the fourth of its keys,
+    # and the level gives its first ResNet block the first of its own.
+    k_level = jax.random.split(k_enc, 2 + 3)[3]
+    k_resnet = jax.random.split(k_level, 2 + 1)[0]
+    resnet = eqx_vae.ResnetBlock2D(16, 16, 8, key=k_resnet)
+    _assert_identical(resnet, model.encoder.down_blocks[0].resnets[0])

@@ -6,7 +6,8 @@ import pytest
 from helpers import assert_close
 
 import eqx_vae
-from eqx_vae._norm import GROUP_NORM_EPS, group_norm_hwc
+from eqx_vae._norm import GROUP_NORM_EPS, group_norm
+from eqx_vae._scope import Scope
 
 
 def _group_norm_reference(x, groups, weight, bias, eps):
@@ -40,15 +41,16 @@ def test_group_norm_uses_eps_1e6_and_float32_statistics(getkey):
     expected = _group_norm_reference(
         np.asarray(x), 4, np.asarray(norm.weight), np.asarray(norm.bias), 1e-6
     )
+    scope = Scope(eqx_vae.Policy())
     assert_close(
-        jnp.transpose(group_norm_hwc(norm, jnp.transpose(x, (1, 2, 0))), (2, 0, 1)),
+        jnp.transpose(group_norm(norm, jnp.transpose(x, (1, 2, 0)), scope)[0], (2, 0, 1)),
         expected,
         rtol=2e-5,
     )
     # Half-precision input: statistics are still exact enough for a tiny variance
     # around a large mean, which a float16 reduction would lose entirely.
     x16 = x.astype(jnp.float16)
-    out16 = group_norm_hwc(norm, jnp.transpose(x16, (1, 2, 0)))
+    out16 = group_norm(norm, jnp.transpose(x16, (1, 2, 0)), scope)[0]
     assert out16.dtype == jnp.float16
     expected16 = _group_norm_reference(
         np.asarray(x16, np.float32), 4, np.asarray(norm.weight), np.asarray(norm.bias), 1e-6
@@ -253,7 +255,7 @@ def test_initialisation_matches_pytorch_defaults(getkey):
 
 @pytest.mark.parametrize("width", [16, 21, 130])
 def test_winograd_convolution_equals_direct(getkey, width):
-    from eqx_vae._conv import winograd_conv3x3
+    from eqx_vae._winograd import winograd_conv3x3
 
     weight = jax.random.normal(getkey(), (8, 6, 3, 3)) / np.sqrt(54)
     x = jax.random.normal(getkey(), (7 + 2, width, 6))  # rows already padded
@@ -264,22 +266,32 @@ def test_winograd_convolution_equals_direct(getkey, width):
 
 
 def test_winograd_is_used_for_wide_convolutions(getkey):
-    from eqx_vae._context import DEFAULT, Context
-    from eqx_vae._conv import _use_winograd
+    from eqx_vae._conv import conv_algorithm
 
-    weight = jnp.zeros((512, 512, 3, 3))
+    f32 = np.dtype(np.float32)
     same = ((0, 0), (1, 1))
-    assert _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (1, 1), (1, 1), DEFAULT)
-    assert not _use_winograd(weight, jnp.zeros((66, 64, 512)), same, (1, 1), (1, 1), DEFAULT)
-    assert not _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (2, 2), (1, 1), DEFAULT)
-    half = Context(compute_dtype=np.dtype(jnp.bfloat16))
-    assert not _use_winograd(weight, jnp.zeros((130, 128, 512)), same, (1, 1), (1, 1), half)
-    small = jnp.zeros((128, 128, 3, 3))
-    assert not _use_winograd(small, jnp.zeros((130, 128, 128)), same, (1, 1), (1, 1), DEFAULT)
+    default = eqx_vae.Policy()
+
+    def winograd(weight, x, stride=(1, 1), policy=default, backend="cpu"):
+        choice = conv_algorithm(weight, x, f32, same, stride, (1, 1), policy, backend)
+        return choice == "winograd"
+
+    weight = (512, 512, 3, 3)
+    assert winograd(weight, (130, 128, 512))
+    assert not winograd(weight, (66, 64, 512))
+    assert not winograd(weight, (130, 128, 512), stride=(2, 2))
+    half = eqx_vae.Policy(dtype=jnp.bfloat16)
+    assert not winograd(weight, (130, 128, 512), policy=half)
+    assert not winograd((128, 128, 3, 3), (130, 128, 128))
+    # The heuristics are CPU measurements: elsewhere the direct convolution runs, unless
+    # the policy forces an algorithm.
+    assert not winograd(weight, (130, 128, 512), backend="gpu")
+    assert winograd(weight, (130, 128, 512), policy=eqx_vae.Policy(conv="winograd"), backend="gpu")
+    assert not winograd(weight, (130, 128, 512), policy=eqx_vae.Policy(conv="direct"))
 
 
 def test_few_channel_convolution_and_its_gradients_equal_direct(getkey):
-    from eqx_vae._conv import taps_conv3x3
+    from eqx_vae._taps import taps_conv3x3
 
     weight = jax.random.normal(getkey(), (4, 16, 3, 3)) / np.sqrt(144)
     x = jax.random.normal(getkey(), (9 + 2, 13, 16))  # rows already padded
@@ -301,7 +313,7 @@ def test_few_channel_convolution_and_its_gradients_equal_direct(getkey):
 def test_few_channel_convolution_gradient_memory():
     # Differentiated as written, the shifted sum pads each of the nine taps' cotangents
     # to the size of all the taps' contributions and holds the nine together.
-    from eqx_vae._conv import taps_conv3x3
+    from eqx_vae._taps import taps_conv3x3
 
     weight, x = jnp.zeros((32, 64, 3, 3)), jnp.zeros((4, 34, 32, 64))
 

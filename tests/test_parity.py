@@ -6,23 +6,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_torch
-from helpers import FIXTURES, RTOL, assert_close, load_fixture
+from helpers import FIXTURES, RTOL, assert_close, load_fixture, require_torch
 from parity_cases import CASES, diffusers_reference
 
 import eqx_vae
 
 
-def _check_against(model: eqx_vae.AutoencoderKL, ref: dict) -> None:
+def _check_against(
+    model: eqx_vae.AutoencoderKL, ref: dict, policy: eqx_vae.Policy | None = None
+) -> None:
     image = jnp.asarray(ref["image"])
-    posterior = eqx.filter_jit(model.encode)(image)
+    posterior = eqx.filter_jit(model.encode)(image, policy=policy)
     assert_close(posterior.mean, ref["mean"], what="encoder mean")
     assert_close(posterior.logvar, ref["logvar"], what="encoder logvar")
     assert_close(posterior.kl(), ref["kl"], what="kl")
+    decoded = eqx.filter_jit(model.decode)(jnp.asarray(ref["latent"]), policy=policy)
+    assert_close(decoded, ref["decoded"], what="decode")
     assert_close(
-        eqx.filter_jit(model.decode)(jnp.asarray(ref["latent"])), ref["decoded"], what="decode"
+        eqx.filter_jit(model)(image, policy=policy), ref["reconstruction"], what="round trip"
     )
-    assert_close(eqx.filter_jit(model)(image), ref["reconstruction"], what="round trip")
 
 
 FIXTURE_PATHS = sorted(FIXTURES.glob("parity_*.npz"))
@@ -39,19 +41,14 @@ def test_parity_with_fixture(path):
     _check_against(model, ref)
 
 
-@pytest.fixture
-def winograd_everywhere(monkeypatch):
-    """The Winograd convolution on every 3x3 convolution, not only on wide ones."""
-    import eqx_vae._conv
-
-    monkeypatch.setattr(eqx_vae._conv, "_WINOGRAD_MIN_CHANNELS", 0)
-    monkeypatch.setattr(eqx_vae._conv, "_WINOGRAD_MIN_WIDTH", 0)
-
-
+@pytest.mark.parametrize("algorithm", ["winograd", "taps", "direct"])
 @pytest.mark.parametrize("path", FIXTURE_PATHS, ids=lambda p: p.stem)
-def test_parity_with_fixture_using_winograd(path, winograd_everywhere):
+def test_parity_with_fixture_using_each_convolution(path, algorithm):
+    """Each convolution algorithm forced on every 3x3 convolution it applies to, not
+    only where the CPU heuristics choose it."""
     config, state_dict, ref = load_fixture(path)
-    _check_against(eqx_vae.from_diffusers_state_dict(state_dict, config), ref)
+    policy = eqx_vae.Policy(conv=algorithm)
+    _check_against(eqx_vae.from_diffusers_state_dict(state_dict, config), ref, policy)
 
 
 @pytest.mark.torch

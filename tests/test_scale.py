@@ -9,7 +9,6 @@ import pytest
 from helpers import assert_close, small_config
 
 import eqx_vae
-from eqx_vae._context import Context
 
 
 def psnr(a, b) -> float:
@@ -26,10 +25,11 @@ def model():
 
 def test_attention_in_query_blocks_equals_whole(model):
     attention = model.decoder.mid_block.attentions[0]
-    x = jax.random.normal(jax.random.key(1), (12, 10, 32))
-    whole = attention.call_hwc(x)
+    x = jax.random.normal(jax.random.key(1), (32, 12, 10))
+    whole = attention(x)
     # 120 keys * 4 bytes * 7 queries per block: 18 blocks, the last one padded.
-    blocked = eqx.filter_jit(attention.call_hwc)(x, Context(attention_block_bytes=120 * 4 * 7))
+    policy = eqx_vae.Policy(attention_block_bytes=120 * 4 * 7)
+    blocked = eqx.filter_jit(attention)(x, policy=policy)
     assert_close(blocked, whole, rtol=1e-6)
 
 
@@ -111,6 +111,32 @@ def test_tiled_encode_equals_whole(model):
     assert_close(posterior.logvar, expected.logvar, rtol=1e-5)
 
 
+def test_tiling_under_checkpointing_and_its_gradients(model):
+    """The statistics reach every tile's GroupNorms as plain inputs, so that the
+    recomputation in the backward pass sees them too: the tiled decode under
+    checkpointing, and its gradient, equal the whole decode's."""
+    z = jax.random.normal(jax.random.key(6), (4, 12, 10))
+    policy = eqx_vae.Policy(checkpoint=True)
+
+    def loss(m, tiled):
+        if tiled:
+            image = eqx_vae.tiled_decode(m, z, tile_size=16, policy=policy)
+        else:
+            image = m.decode(z, policy=policy)
+        return jnp.sum(jnp.square(image)), image
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+    (_, tiled), tiled_grads = grad(model, True)
+    (_, whole), whole_grads = grad(model, False)
+    assert_close(tiled, whole, rtol=1e-5)
+    leaves = jax.tree_util.tree_leaves(eqx.filter(whole_grads, eqx.is_array))
+    scale = max(float(jnp.max(jnp.abs(g))) for g in leaves)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(eqx.filter(tiled_grads, eqx.is_array)), leaves, strict=True
+    ):
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-4 * scale
+
+
 def test_tiling_without_quant_convs_or_attention():
     config = small_config(
         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False
@@ -156,12 +182,12 @@ def _overflowing_model(force_upcast: bool) -> eqx_vae.AutoencoderKL:
 def test_float16_with_overflowing_activations_stays_finite():
     model = _overflowing_model(force_upcast=False)
     z = jax.random.normal(jax.random.key(1), (4, 8, 8))
-    hidden = model.decoder.latent_stage_hwc(jnp.transpose(z, (1, 2, 0)))
+    hidden = model.decoder.mid_block(model.decoder.conv_in(z))
     assert float(jnp.max(jnp.abs(hidden))) > 65504  # would overflow in float16
-    # Plain float16 everywhere (the default context computes in the input's dtype)
+    # Plain float16 everywhere (the default policy computes in the input's dtype)
     # overflows to infinities and NaNs.
     half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)
-    plain = half.decoder.call_hwc(jnp.transpose(z, (1, 2, 0)).astype(jnp.float16))
+    plain = half.decoder(z.astype(jnp.float16))
     assert not bool(jnp.all(jnp.isfinite(plain)))
     out = model.decode(z, dtype=jnp.float16)
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -171,14 +197,14 @@ def test_float16_with_overflowing_activations_stays_finite():
 def test_force_upcast_computes_float16_requests_in_float32():
     model = _overflowing_model(force_upcast=True)
     z = jax.random.normal(jax.random.key(1), (4, 8, 8))
-    assert model.context(jnp.float16).compute_dtype == jnp.float32
+    assert model.resolve_policy(dtype=jnp.float16).dtype == jnp.float32
     np.testing.assert_array_equal(model.decode(z, dtype=jnp.float16), model.decode(z))
-    assert model.context(jnp.bfloat16).compute_dtype == jnp.bfloat16
+    assert model.resolve_policy(dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
 def test_compute_dtype_must_be_floating(model):
     with pytest.raises(ValueError, match="must be floating point"):
-        model.context(jnp.int32)
+        model.resolve_policy(dtype=jnp.int32)
 
 
 # Batches.
