@@ -1,7 +1,6 @@
 """Training and fine-tuning KL autoencoders with the CompVis recipe (needs `optax`
 and, for the data pipeline, Pillow: `pip install 'eqx_vae[train]'`)."""
 
-from .._images import read_image as read_image, write_image as write_image
 from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
 from ._data import DataPosition as DataPosition, ImageFolder as ImageFolder
 from ._discriminator import PatchDiscriminator as PatchDiscriminator
@@ -16,6 +15,12 @@ from ._losses import (
     vanilla_d_loss as vanilla_d_loss,
 )
 from ._lpips import LPIPS as LPIPS
+from ._recipe import (
+    autoencoder_loss as autoencoder_loss,
+    discriminator_loss as discriminator_loss,
+    reconstruct as reconstruct,
+    reconstruction_loss as reconstruction_loss,
+)
 from ._state import (
     TrainConfig as TrainConfig,
     TrainState as TrainState,
@@ -23,4 +28,9 @@ from ._state import (
     make_optimizers as make_optimizers,
     trainable as trainable,
 )
-from ._step import make_train_step as make_train_step
+from ._step import (
+    accumulate_gradients as accumulate_gradients,
+    apply_optimizer as apply_optimizer,
+    make_train_step as make_train_step,
+    update_ema as update_ema,
+)
