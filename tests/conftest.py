@@ -1,6 +1,3 @@
-import os
-import pathlib
-
 import jax
 
 
@@ -13,9 +10,6 @@ import itertools  # noqa: E402
 
 import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
-
-
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
@@ -35,30 +29,3 @@ def without_typechecks():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
-
-
-def require_torch():
-    """Imports torch and diffusers for a live comparison. They are part of the test
-    requirements in CI, so there a missing install fails instead of skipping."""
-    try:
-        import diffusers
-        import torch
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("torch and diffusers are not installed (pip install -e '.[parity]')")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return torch, diffusers
-
-
-def require(module: str):
-    """Imports an optional test requirement; like `require_torch`, a missing install
-    fails in CI instead of skipping."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"{module} is not installed (pip install -e '.[parity]')")

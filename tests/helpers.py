@@ -1,8 +1,10 @@
 import json
+import os
 import pathlib
 from typing import Any
 
 import numpy as np
+import pytest
 
 import eqx_vae
 
@@ -50,3 +52,30 @@ def load_fixture(path: pathlib.Path) -> tuple[eqx_vae.AutoencoderKLConfig, dict,
     }
     rest = {k: v for k, v in arrays.items() if not k.startswith("param/")}
     return config, state_dict, rest
+
+
+def require_torch():
+    """Imports torch and diffusers for a live comparison. They are part of the test
+    requirements in CI, so there a missing install fails instead of skipping."""
+    try:
+        import diffusers
+        import torch
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("torch and diffusers are not installed (pip install -e '.[parity]')")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return torch, diffusers
+
+
+def require(module: str):
+    """Imports an optional test requirement; like `require_torch`, a missing install
+    fails in CI instead of skipping."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{module} is not installed (pip install -e '.[parity]')")

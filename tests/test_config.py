@@ -3,7 +3,7 @@ import inspect
 import json
 
 import pytest
-from conftest import require_torch
+from helpers import require_torch
 
 import eqx_vae
 from eqx_vae import AutoencoderKLConfig

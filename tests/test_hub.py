@@ -7,8 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import require
-from helpers import small_config
+from helpers import require, small_config
 
 import eqx_vae
 from eqx_vae import CheckpointError

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_torch
-from helpers import assert_close, small_config
+from helpers import assert_close, require_torch, small_config
 from parity_cases import CASES, diffusers_model, inputs, torch_outputs
 
 import eqx_vae

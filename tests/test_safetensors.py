@@ -9,8 +9,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import require_torch
-from helpers import small_config
+from helpers import require_torch, small_config
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eqx_vae

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_torch
-from helpers import small_config
+from helpers import require_torch, small_config
 from make_golden import GOLDEN, golden_lines
 
 import eqx_vae
