@@ -108,6 +108,43 @@ def _read(path):
     return np.asarray(Image.open(path).convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1
 
 
+def _expected(rgb_rows):
+    """`(3, H, W)` in `[-1, 1]` from rows of 8-bit RGB triples."""
+    return np.transpose(np.asarray(rgb_rows, np.float32), (2, 0, 1)) / 127.5 - 1
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    from PIL import Image
+
+    from eqx_vae._images import read_image
+
+    # Opaque red; transparent black; black at alpha 0.4, which over white is 60% white.
+    rgba = np.array([[[255, 0, 0, 255], [0, 0, 0, 0], [0, 0, 0, 102]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    expected = _expected([[[255, 0, 0], [255, 255, 255], [153, 153, 153]]])
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.png"), expected, atol=1e-6)
+    la = np.array([[[0, 0], [50, 255]]], np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    expected = _expected([[[255, 255, 255], [50, 50, 50]]])
+    np.testing.assert_allclose(read_image(tmp_path / "la.png"), expected, atol=1e-6)
+    # A palette image whose entry 0 (black) is transparent.
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([0, 0, 0, 10, 200, 30])
+    palette.save(tmp_path / "palette.png", transparency=0)
+    expected = _expected([[[255, 255, 255], [10, 200, 30]]])
+    np.testing.assert_allclose(read_image(tmp_path / "palette.png"), expected, atol=1e-6)
+
+
+def test_grayscale_images_become_three_equal_channels(tmp_path):
+    from PIL import Image
+
+    from eqx_vae._images import read_image
+
+    Image.fromarray(np.array([[0, 128, 255]], np.uint8), "L").save(tmp_path / "gray.png")
+    expected = _expected([[[0, 0, 0], [128, 128, 128], [255, 255, 255]]])
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), expected)
+
+
 def test_reconstruct_with_the_built_in_model_on_the_sample_photograph(tmp_path):
     """The README's main command: no arguments but the output."""
     out = run("reconstruct", "--compare", cwd=tmp_path).stdout
