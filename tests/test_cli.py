@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import require
 from helpers import small_config
 
 import eqx_vae
@@ -84,8 +85,51 @@ def test_convert_errors(tmp_path):
     assert "Traceback" not in result.stderr
     result = run("convert", tmp_path / "junk.safetensors", tmp_path / "out.txt", check=False)
     assert result.returncode == 1
+    (tmp_path / "junk.eqx").write_text("a text file, renamed")
+    result = run("convert", tmp_path / "junk.eqx", tmp_path / "out", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "junk.eqx is not an eqx_vae checkpoint (it does not start with" in result.stderr
     result = run("convert", check=False)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_model_files_are_told_apart_by_their_contents(model, tmp_path):
+    from eqx_vae import CheckpointError
+    from eqx_vae.cli._convert import load_any
+
+    (tmp_path / "random.eqx").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "text.eqx").write_text("a text file, renamed")
+    (tmp_path / "empty.eqx").write_bytes(b"")
+    for name in ["random.eqx", "text.eqx", "empty.eqx"]:
+        with pytest.raises(CheckpointError) as info:
+            load_any(tmp_path / name)
+        message = str(info.value)
+        assert f"{name} is not an eqx_vae checkpoint (it does not start with" in message
+        assert "is not a safetensors file" not in message
+    (tmp_path / "random.weights").write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(CheckpointError, match=r"random\.weights is not a model file"):
+        load_any(tmp_path / "random.weights")
+    # Files under another kind's name are read as what they hold.
+    eqx_vae.save(tmp_path / "eqx.safetensors", model)
+    _same(model, load_any(tmp_path / "eqx.safetensors")[0])
+    eqx_vae.save_single_file(model, tmp_path / "single.eqx")
+    with pytest.raises(CheckpointError, match=r"single\.eqx holds only an autoencoder"):
+        load_any(tmp_path / "single.eqx")  # read as a single file, which needs a preset
+
+
+def test_torch_checkpoints_are_told_apart_by_their_contents(model, tmp_path):
+    torch = require("torch")
+    from eqx_vae.cli._convert import load_any
+    from eqx_vae.interop import SafetensorsFile
+
+    eqx_vae.save_single_file(model, tmp_path / "single.safetensors")
+    with SafetensorsFile(tmp_path / "single.safetensors") as f:
+        state_dict = {name: torch.from_numpy(ref.read()) for name, ref in f.items()}
+    torch.save(state_dict, tmp_path / "weights.data")
+    loaded = eqx_vae.load_single_file(tmp_path / "weights.data", config=model.config)
+    _same(model, loaded)
+    with pytest.raises(eqx_vae.CheckpointError, match=r"weights\.data holds only an autoencoder"):
+        load_any(tmp_path / "weights.data")
 
 
 # --- reconstruct, encode, decode, info, train ---

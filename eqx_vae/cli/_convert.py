@@ -10,8 +10,11 @@ import jax.numpy as jnp
 
 from .._autoencoder import AutoencoderKL
 from .._config import PRESETS
+from .._errors import CheckpointError
 from .._serialisation import MAGIC, load, save
 from ..interop import load_diffusers, load_single_file, save_diffusers, save_single_file
+from ..interop._safetensors import looks_like_safetensors
+from ..interop._torch_files import PICKLE_SUFFIXES, looks_like_torch_file
 
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -25,10 +28,11 @@ def add_parser(commands: Any) -> None:
         description=(
             "Convert a VAE between a diffusers folder, an original single file "
             "(.safetensors, or a PyTorch pickle when torch is installed) and an eqx_vae "
-            "checkpoint (.eqx). The kinds are told from the paths: a folder is a diffusers "
-            "model, a file starting with the eqx_vae header an eqx_vae checkpoint, any other "
-            "file a single file; DST ending in .eqx is written as an eqx_vae checkpoint, in "
-            ".safetensors as a single file, anything else as a diffusers folder."
+            "checkpoint (.eqx). The kind of SRC is told from its contents: a folder is a "
+            "diffusers model, a file an eqx_vae checkpoint, a safetensors file or a PyTorch "
+            "checkpoint by how it starts, whatever its name. DST ending in .eqx is written "
+            "as an eqx_vae checkpoint, in .safetensors as a single file, anything else as a "
+            "diffusers folder."
         ),
     )
     parser.add_argument("src", type=pathlib.Path, metavar="SRC")
@@ -45,12 +49,33 @@ def add_parser(commands: Any) -> None:
 
 
 def source_kind(path: pathlib.Path) -> str:
+    """What a model path holds, told from its contents: a folder is a diffusers model;
+    a file an eqx_vae checkpoint, a safetensors file or a PyTorch checkpoint by how it
+    starts, whatever its name. A `.safetensors` or PyTorch-named file that starts like
+    none of them goes to its reader, which says what is wrong with it; any other raises
+    `CheckpointError` saying what the file is not."""
     if path.is_dir():
         return "diffusers"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     with open(path, "rb") as f:
-        return "eqx" if f.read(len(MAGIC)) == MAGIC else "single-file"
+        head = f.read(16)
+    if head.startswith(MAGIC):
+        return "eqx"
+    if looks_like_safetensors(head, path.stat().st_size) or looks_like_torch_file(head):
+        return "single-file"
+    if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        return "single-file"
+    start = "it is empty" if not head else f"it starts with {head[:8]!r}"
+    if path.suffix == ".eqx":
+        raise CheckpointError(
+            f"{path} is not an eqx_vae checkpoint (it does not start with {MAGIC!r}; "
+            f"{start}), nor a safetensors file or a PyTorch checkpoint."
+        )
+    raise CheckpointError(
+        f"{path} is not a model file: not an eqx_vae checkpoint (starting with {MAGIC!r}), "
+        f"a safetensors file or a PyTorch checkpoint ({start})."
+    )
 
 
 def destination_kind(path: pathlib.Path) -> str:
@@ -73,7 +98,8 @@ def load_any(
     preset: str | None = None,
     variant: str | None = None,
 ) -> tuple[AutoencoderKL, str]:
-    """Loads a model of any kind, telling the kind from the path."""
+    """Loads a model of any kind, telling the kind from the contents (see
+    `source_kind`)."""
     kind = source_kind(path)
     if kind == "diffusers":
         model = load_diffusers(path, dtype=dtype, variant=variant)
