@@ -282,10 +282,27 @@ def test_info(model, tmp_path):
     assert "latent scaling: z * 0.13025" in out and "spatial factor 2" in out
     out = run("info").stdout
     assert "model: built-in" in out and "spatial factor 4" in out
+    assert run("info", "--model", "builtin").stdout == out
     import json
 
     config = json.loads(run("info", "--model", tmp_path / "m.eqx", "--json").stdout)
     assert config["block_out_channels"] == [32, 32]
+
+
+def test_builtin_names_the_built_in_model_wherever_a_model_is_accepted(tmp_path, capsys):
+    import argparse
+
+    from eqx_vae.cli import main
+    from eqx_vae.cli._common import load_model
+
+    builtin = eqx_vae.load_builtin()
+    _same(builtin, load_model(argparse.Namespace(model="builtin", preset=None)))
+    run("convert", "builtin", tmp_path / "builtin.eqx")
+    _same(builtin, eqx_vae.load(tmp_path / "builtin.eqx"))
+    for command in ["reconstruct", "encode", "decode", "info", "train", "convert"]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "builtin for the built-in" in " ".join(capsys.readouterr().out.split())
 
 
 def test_bad_inputs_fail_clearly(model, tmp_path):

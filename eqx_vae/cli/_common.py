@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._autoencoder import AutoencoderKL
-from .._builtin import BUILTIN_PATH, load_builtin
+from .._builtin import BUILTIN_PATH
 from .._config import PRESETS
 from .._distribution import DiagonalGaussian
 from .._images import (
@@ -22,21 +22,21 @@ from .._images import (
 )
 from .._tiling import tiled_decode, tiled_encode
 from .._xla import compiler_options
-from ._convert import DTYPES
+from ._convert import BUILTIN, DTYPES, load_any
 
 
 SAMPLE_IMAGE = BUILTIN_PATH.parent / "chelsea.png"
 
 
+MODEL_HELP = (
+    "an eqx_vae checkpoint (.eqx), a diffusers folder, an original single file, a Hugging "
+    f"Face Hub id, or {BUILTIN} for the built-in model (the default; a file or folder named "
+    f"{BUILTIN} is ./{BUILTIN})"
+)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        metavar="MODEL",
-        help=(
-            "an eqx_vae checkpoint (.eqx), a diffusers folder, an original single file, or "
-            "a Hugging Face Hub id; the built-in model by default"
-        ),
-    )
+    parser.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -47,12 +47,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args: argparse.Namespace) -> AutoencoderKL:
-    """The model `--model` names: a local file or folder of any kind, or a Hub id."""
-    from ._convert import load_any
+def model_name(args: argparse.Namespace) -> str:
+    """How to call the model `--model` names."""
+    return "built-in" if args.model in (None, BUILTIN) else args.model
 
-    if args.model is None:
-        return load_builtin()
+
+def load_model(args: argparse.Namespace) -> AutoencoderKL:
+    """The model `--model` names: the built-in model (by default, or as `builtin`), a
+    local file or folder of any kind, or a Hub id."""
+    if args.model is None or args.model == BUILTIN:
+        return load_any(BUILTIN)[0]
     path = pathlib.Path(args.model)
     if path.exists():
         return load_any(path, preset=args.preset)[0]

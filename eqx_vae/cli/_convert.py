@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._autoencoder import AutoencoderKL
+from .._builtin import load_builtin
 from .._config import PRESETS
 from .._errors import CheckpointError
 from .._serialisation import MAGIC, load, save
@@ -19,6 +20,8 @@ from ..interop._torch_files import PICKLE_SUFFIXES, looks_like_torch_file
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 KINDS = ("diffusers", "single-file", "eqx")
+# The name that stands for the built-in model wherever a model path is accepted.
+BUILTIN = "builtin"
 
 
 def add_parser(commands: Any) -> None:
@@ -35,7 +38,9 @@ def add_parser(commands: Any) -> None:
             "diffusers folder."
         ),
     )
-    parser.add_argument("src", type=pathlib.Path, metavar="SRC")
+    parser.add_argument(
+        "src", metavar="SRC", help=f"the model to convert; {BUILTIN} for the built-in model"
+    )
     parser.add_argument("dst", type=pathlib.Path, metavar="DST")
     parser.add_argument("--to", choices=KINDS, help="the kind of DST, instead of its suffix")
     parser.add_argument("--dtype", choices=list(DTYPES), help="parameter dtype to store")
@@ -92,14 +97,18 @@ def destination_kind(path: pathlib.Path) -> str:
 
 
 def load_any(
-    path: pathlib.Path,
+    source: str | pathlib.Path,
     *,
     dtype: Any = None,
     preset: str | None = None,
     variant: str | None = None,
 ) -> tuple[AutoencoderKL, str]:
-    """Loads a model of any kind, telling the kind from the contents (see
-    `source_kind`)."""
+    """Loads the built-in model for the name `builtin` (a string; a file or folder of
+    that name is `./builtin`), or a model file or folder of any kind, telling the kind
+    from its contents (see `source_kind`). Returns the model and its kind."""
+    if isinstance(source, str) and source == BUILTIN:
+        return load_builtin(dtype), "built-in"
+    path = pathlib.Path(source)
     kind = source_kind(path)
     if kind == "diffusers":
         model = load_diffusers(path, dtype=dtype, variant=variant)

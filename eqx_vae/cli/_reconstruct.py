@@ -17,6 +17,7 @@ from ._common import (
     compute_dtype,
     describe,
     load_model,
+    model_name,
     pairs,
     read_image,
     write_image,
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input.is_dir() and args.output.suffix:
         raise ValueError(f"IN is a folder, so OUT must be one too, got {args.output}.")
     model = load_model(args)
-    print(f"model: {args.model or 'built-in'}, {describe(model)}")
+    print(f"model: {model_name(args)}, {describe(model)}")
     runner = Runner(model, compute_dtype(args), args.tile)
     bar = Progress(len(jobs), "reconstructing") if len(jobs) > 1 else None
     scores = []

@@ -13,6 +13,7 @@ from .._builtin import builtin_config
 from .._config import PRESETS, AutoencoderKLConfig
 from .._serialisation import save
 from ._common import describe, load_model
+from ._convert import BUILTIN
 
 
 def add_parser(commands: Any) -> None:
@@ -30,7 +31,10 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--data", type=pathlib.Path, required=True, metavar="DIR")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/train"))
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--model", help="fine-tune this model (any that `--model` loads)")
+    start.add_argument(
+        "--model",
+        help=f"fine-tune this model (any that `--model` loads; {BUILTIN} for the built-in one)",
+    )
     start.add_argument(
         "--new",
         choices=["builtin", *PRESETS],
