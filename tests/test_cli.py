@@ -305,6 +305,99 @@ def test_builtin_names_the_built_in_model_wherever_a_model_is_accepted(tmp_path,
         assert "builtin for the built-in" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails a test that gets as far as loading a model (or training data)."""
+    from eqx_vae.cli import _convert, _latents, _reconstruct, _train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the arguments were not checked before loading")
+
+    for module in (_reconstruct, _latents, _train):
+        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(_convert, "load_any", refuse)
+    monkeypatch.setattr("eqx_vae.train.ImageFolder", refuse)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["reconstruct", "--tile", "0"], "--tile 0: must be a multiple of 2 and at least 8"),
+        (["reconstruct", "--tile", "15"], "--tile 15: must be a multiple of 2 and at least 8"),
+        (["encode", "in.png", "z.safetensors", "--tile", "-8"], "--tile -8: must be a multiple"),
+        (["decode", "in.safetensors", "o.png", "--tile", "6"], "--tile 6: must be a multiple"),
+        (["reconstruct", "in.png", "o.unknown"], "OUT o.unknown: cannot write an image"),
+        (["reconstruct", "in.png", "o"], "OUT o: an image file needs a suffix"),
+        (
+            ["decode", "in.safetensors", "o.txt"],
+            "OUT o.txt: cannot write an image with the suffix",
+        ),
+        (["encode", "in.png", "z.safetensors", "--sample", str(2**64)], "--sample 1844674"),
+        (["convert", "builtin", "out.txt"], "Cannot tell what to write to out.txt"),
+        (["train", "--steps", "0"], "--steps 0: must be at least 1"),
+        (["train", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["train", "--crop-size", "-64"], "--crop-size -64: must be at least 1"),
+        (["train", "--accumulate", "0"], "--accumulate 0: must be at least 1"),
+        (["train", "--sample-every", "0"], "--sample-every 0: must be at least 1"),
+        (["train", "--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
+        (["train", "--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0"),
+        (["train", "--disc-start", "-5"], "--disc-start -5: must be at least 0"),
+        (["train", "--learning-rate", "-0.001"], "--learning-rate -0.001: must be at least 0"),
+        (["train", "--kl-weight", "-1"], "--kl-weight -1: must be at least 0"),
+        (["train", "--scale", "1", "0.5"], "--scale 1 0.5: must be a range 0 < LOW <= HIGH"),
+        (["train", "--ema", "1"], "--ema 1: must lie between 0 and 1"),
+        (["train", "--devices", "0"], "--devices 0: must be between 1 and"),
+        (["train", "--batch-size", "6", "--accumulate", "4"], "--batch-size 6: must be a mult"),
+        (["train", "--crop-size", "30"], "--crop-size 30: must be a multiple of the spatial"),
+        (["train", "--perceptual-weight", "1"], "--perceptual-weight 1: needs --vgg16"),
+        (["train", "--vgg16", "missing.pth"], "--vgg16 missing.pth: does not exist"),
+        (["train", "--seed", str(-(2**63) - 1)], "--seed -9223372036854775809: must be a 64"),
+        (
+            ["train", "--cosine", "--warmup-steps", "10", "--steps", "10"],
+            "--steps 10: must be more than --warmup-steps 10",
+        ),
+    ],
+)
+def test_arguments_are_checked_before_loading(
+    arguments, message, tmp_path, monkeypatch, capsys, no_model_loading
+):
+    from eqx_vae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _photo(tmp_path / "in.png")
+    (tmp_path / "in.safetensors").write_bytes(b"")
+    if arguments[0] == "train":
+        arguments = [*arguments, "--data", str(tmp_path)]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"eqx-vae {arguments[0]}: error: ") and message in error, error
+    assert len(error.splitlines()) == 1
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys, no_model_loading):
+    from eqx_vae.cli import main
+
+    arguments = ["train", "--data", str(tmp_path), "--steps", "0", "--ema", "2"]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "--steps 0: must be at least 1; --ema 2: must lie between 0 and 1." in error
+
+
+def test_the_tile_rule_is_the_tiling_functions_rule():
+    from eqx_vae._tiling import _check_tile
+    from eqx_vae.cli._checks import TILE_MULTIPLE, ArgumentProblems
+
+    for tile in range(-4, 40):
+        problems = ArgumentProblems()
+        problems.tile(tile)
+        try:
+            _check_tile(tile, TILE_MULTIPLE)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == (not problems.problems), tile
+
+
 def test_bad_inputs_fail_clearly(model, tmp_path):
     eqx_vae.save(tmp_path / "m.eqx", model)
     m = ("--model", tmp_path / "m.eqx")
@@ -324,7 +417,7 @@ def test_bad_inputs_fail_clearly(model, tmp_path):
     result = run(
         "reconstruct", _photo(tmp_path / "in.png"), tmp_path / "o.unknown", *m, check=False
     )
-    assert result.returncode == 1 and "Cannot write" in result.stderr
+    assert result.returncode == 1 and "cannot write an image" in result.stderr
 
 
 def test_train_command(tmp_path):
@@ -347,4 +440,4 @@ def test_train_command(tmp_path):
     result = run("train", "--data", tmp_path / "nowhere", check=False)
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = run("train", "--data", tmp_path / "data", "--scale", "1", "0.5", check=False)
-    assert result.returncode == 1 and "scale range" in result.stderr
+    assert result.returncode == 1 and "--scale 1 0.5: must be a range" in result.stderr

@@ -122,9 +122,9 @@ def load_any(
 
 
 def run(args: argparse.Namespace) -> int:
+    dst_kind = args.to or destination_kind(args.dst)
     dtype = DTYPES[args.dtype] if args.dtype else None
     model, src_kind = load_any(args.src, dtype=dtype, preset=args.preset, variant=args.variant)
-    dst_kind = args.to or destination_kind(args.dst)
     if dst_kind == "diffusers":
         save_diffusers(model, args.dst, variant=args.variant)
     elif dst_kind == "single-file":

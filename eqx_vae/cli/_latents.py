@@ -13,6 +13,7 @@ import numpy as np
 from .._errors import CheckpointError
 from .._progress import Progress
 from ..interop._safetensors import SafetensorsFile, write_safetensors
+from ._checks import TILE_HELP, ArgumentProblems
 from ._common import (
     IMAGE_SUFFIXES,
     Runner,
@@ -49,7 +50,7 @@ def add_parsers(commands: Any) -> None:
         help="draw a posterior sample with this seed instead of taking the mode",
     )
     encode.add_argument("--raw", action="store_true", help="store the latent unscaled")
-    encode.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    encode.add_argument("--tile", type=int, metavar="PX", help=TILE_HELP)
     encode.set_defaults(run=run_encode)
 
     decode = commands.add_parser(
@@ -64,11 +65,15 @@ def add_parsers(commands: Any) -> None:
     decode.add_argument("input", type=pathlib.Path, metavar="IN")
     decode.add_argument("output", type=pathlib.Path, metavar="OUT")
     add_model_arguments(decode)
-    decode.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    decode.add_argument("--tile", type=int, metavar="PX", help=TILE_HELP)
     decode.set_defaults(run=run_decode)
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    problems = ArgumentProblems()
+    problems.tile(args.tile)
+    problems.seed("--sample", args.sample)
+    problems.raise_if_any()
     jobs = pairs(args.input, args.output, IMAGE_SUFFIXES, ".safetensors")
     model = load_model(args)
     runner = Runner(model, compute_dtype(args), args.tile)
@@ -100,6 +105,11 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    problems = ArgumentProblems()
+    problems.tile(args.tile)
+    if not args.input.is_dir():
+        problems.image_output(args.output)
+    problems.raise_if_any()
     jobs = pairs(args.input, args.output, (".safetensors",), ".png")
     model = load_model(args)
     runner = Runner(model, compute_dtype(args), args.tile)

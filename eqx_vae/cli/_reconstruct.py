@@ -9,6 +9,7 @@ import numpy as np
 
 from .._metrics import bicubic_baseline, psnr, ssim
 from .._progress import Progress
+from ._checks import TILE_HELP, ArgumentProblems
 from ._common import (
     IMAGE_SUFFIXES,
     SAMPLE_IMAGE,
@@ -55,14 +56,21 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--compare", action="store_true", help="write the input and output side by side"
     )
-    parser.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    parser.add_argument("--tile", type=int, metavar="PX", help=TILE_HELP)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    problems = ArgumentProblems()
+    problems.tile(args.tile)
+    if not args.input.is_dir():
+        problems.image_output(args.output)
+    else:
+        problems.check(
+            not args.output.suffix, "OUT", args.output, "IN is a folder, so OUT must be one too"
+        )
+    problems.raise_if_any()
     jobs = pairs(args.input, args.output, IMAGE_SUFFIXES, ".png")
-    if args.input.is_dir() and args.output.suffix:
-        raise ValueError(f"IN is a folder, so OUT must be one too, got {args.output}.")
     model = load_model(args)
     print(f"model: {model_name(args)}, {describe(model)}")
     runner = Runner(model, compute_dtype(args), args.tile)
