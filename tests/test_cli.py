@@ -237,6 +237,33 @@ def test_reconstruct_a_folder(model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
 
 
+def test_a_folder_goes_on_past_unreadable_files_and_lists_them(model, tmp_path):
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    m = ("--model", tmp_path / "m.eqx")
+    (tmp_path / "in").mkdir()
+    for i in (0, 2, 4):
+        _photo(tmp_path / "in" / f"{i}.png", 24, 32)
+    (tmp_path / "in" / "1.png").write_text("not an image")
+    (tmp_path / "in" / "3.jpg").write_bytes(b"")
+    result = run("reconstruct", tmp_path / "in", tmp_path / "out", *m, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "2.png", "4.png"]
+    assert "3 images: mean PSNR" in result.stdout
+    lines = result.stderr.splitlines()
+    at = lines.index("eqx-vae reconstruct: error: 2 of 5 images failed:")
+    assert lines[at + 1].startswith(f"  {tmp_path / 'in' / '1.png'}: Cannot read the image")
+    assert lines[at + 2].startswith(f"  {tmp_path / 'in' / '3.jpg'}: Cannot read the image")
+    # Encoding, and decoding a folder with a file that holds no latent.
+    result = run("encode", tmp_path / "in", tmp_path / "z", *m, check=False)
+    assert result.returncode == 1 and "2 of 5 images failed" in result.stderr
+    assert len(list((tmp_path / "z").iterdir())) == 3
+    (tmp_path / "z" / "junk.safetensors").write_bytes(b"junk")
+    result = run("decode", tmp_path / "z", tmp_path / "back", *m, check=False)
+    assert result.returncode == 1 and "1 of 4 latents failed" in result.stderr
+    assert "junk.safetensors: " in result.stderr
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["0.png", "2.png", "4.png"]
+
+
 def test_encode_then_decode(model, tmp_path):
     from eqx_vae.interop._safetensors import SafetensorsFile
 

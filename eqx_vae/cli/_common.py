@@ -3,6 +3,7 @@ writing images, running the autoencoder on images of any size."""
 
 import argparse
 import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,11 +16,13 @@ from .._autoencoder import AutoencoderKL
 from .._builtin import BUILTIN_PATH
 from .._config import PRESETS
 from .._distribution import DiagonalGaussian
+from .._errors import CheckpointError
 from .._images import (
     IMAGE_SUFFIXES as IMAGE_SUFFIXES,
     read_image as read_image,
     write_image as write_image,
 )
+from .._progress import Progress
 from .._tiling import tiled_decode, tiled_encode
 from .._xla import compiler_options
 from ._convert import BUILTIN, DTYPES, load_any
@@ -84,6 +87,44 @@ def pairs(
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist.")
     return [(source, destination)]
+
+
+def run_jobs(
+    jobs: list[tuple[pathlib.Path, pathlib.Path]],
+    description: str,
+    work: Callable[[pathlib.Path, pathlib.Path], tuple[str, dict[str, Any]]],
+) -> list[str]:
+    """Runs `work(source, destination)` on every job; it returns a line to print and
+    values for the progress bar, which is shown instead of the lines when there is
+    more than one job. A job that fails with an error the command line reports (a
+    file that cannot be read or written) does not stop the others: the failures are
+    returned, as `source: error` lines. A single job's error is raised."""
+    bar = Progress(len(jobs), description) if len(jobs) > 1 else None
+    failures = []
+    for source, destination in jobs:
+        try:
+            line, values = work(source, destination)
+        except (CheckpointError, ValueError, OSError) as e:
+            if bar is None:
+                raise
+            failures.append(f"{source}: {e}")
+            bar.update(1)
+            continue
+        if bar is None:
+            print(line)
+        else:
+            bar.update(1, **values)
+    return failures
+
+
+def exit_status(command: str, failures: list[str], total: int, what: str) -> int:
+    """Lists the failures of `run_jobs` on stderr; the exit status: 1 if any."""
+    if not failures:
+        return 0
+    print(f"eqx-vae {command}: error: {len(failures)} of {total} {what} failed:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return 1
 
 
 class Runner:

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._metrics import bicubic_baseline, psnr, ssim
-from .._progress import Progress
 from ._checks import TILE_HELP, ArgumentProblems
 from ._common import (
     IMAGE_SUFFIXES,
@@ -17,10 +16,12 @@ from ._common import (
     add_model_arguments,
     compute_dtype,
     describe,
+    exit_status,
     load_model,
     model_name,
     pairs,
     read_image,
+    run_jobs,
     write_image,
 )
 
@@ -74,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     print(f"model: {model_name(args)}, {describe(model)}")
     runner = Runner(model, compute_dtype(args), args.tile)
-    bar = Progress(len(jobs), "reconstructing") if len(jobs) > 1 else None
     scores = []
-    for source, destination in jobs:
+
+    def reconstruct(source: pathlib.Path, destination: pathlib.Path) -> tuple[str, dict]:
         image = read_image(source)
         recon = np.clip(runner.reconstruct(image), -1.0, 1.0)
         x, y = jnp.asarray(image), jnp.asarray(recon)
@@ -86,20 +87,19 @@ def run(args: argparse.Namespace) -> int:
         )
         bicubic = jnp.clip(bicubic_baseline(x, latent_values), -1.0, 1.0)
         score = (float(psnr(x, y)), float(ssim(x, y)), float(psnr(x, bicubic)))
-        scores.append(score)
         write_image(destination, np.concatenate([image, recon], axis=2) if args.compare else recon)
+        scores.append(score)
         line = (
             f"{source} -> {destination}: PSNR {score[0]:.2f} dB, SSIM {score[1]:.4f} "
             f"(bicubic with as many values: PSNR {score[2]:.2f} dB)"
         )
-        if bar is None:
-            print(line)
-        else:
-            bar.update(1, psnr=score[0])
+        return line, {"psnr": score[0]}
+
+    failures = run_jobs(jobs, "reconstructing", reconstruct)
     if len(scores) > 1:
         mean = np.mean(scores, axis=0)
         print(
             f"{len(scores)} images: mean PSNR {mean[0]:.2f} dB, SSIM {mean[1]:.4f} "
             f"(bicubic {mean[2]:.2f} dB)"
         )
-    return 0
+    return exit_status(args.command, failures, len(jobs), "images")
