@@ -112,7 +112,7 @@ def test_model_files_are_told_apart_by_their_contents(model, tmp_path):
     # Files under another kind's name are read as what they hold.
     eqx_vae.save(tmp_path / "eqx.safetensors", model)
     _same(model, load_any(tmp_path / "eqx.safetensors")[0])
-    eqx_vae.save_single_file(model, tmp_path / "single.eqx")
+    eqx_vae.save_single_file(tmp_path / "single.eqx", model)
     with pytest.raises(CheckpointError, match=r"single\.eqx holds only an autoencoder"):
         load_any(tmp_path / "single.eqx")  # read as a single file, which needs a preset
 
@@ -122,7 +122,7 @@ def test_torch_checkpoints_are_told_apart_by_their_contents(model, tmp_path):
     from eqx_vae.cli._convert import load_any
     from eqx_vae.interop import SafetensorsFile
 
-    eqx_vae.save_single_file(model, tmp_path / "single.safetensors")
+    eqx_vae.save_single_file(tmp_path / "single.safetensors", model)
     with SafetensorsFile(tmp_path / "single.safetensors") as f:
         state_dict = {name: torch.from_numpy(ref.read()) for name, ref in f.items()}
     torch.save(state_dict, tmp_path / "weights.data")
@@ -296,7 +296,7 @@ def test_encode_then_decode(model, tmp_path):
     write_safetensors(tmp_path / "three.safetensors", {"latents": np.zeros((1, 3, 4, 4), "f4")})
     result = run("decode", tmp_path / "three.safetensors", tmp_path / "x.png", *m, check=False)
     assert result.returncode == 1 and "shape (3, 4, 4)" in result.stderr
-    eqx_vae.save_single_file(model, tmp_path / "weights.safetensors")
+    eqx_vae.save_single_file(tmp_path / "weights.safetensors", model)
     result = run("decode", tmp_path / "weights.safetensors", tmp_path / "x.png", *m, check=False)
     assert result.returncode == 1 and "no tensor named 'latents'" in result.stderr
 

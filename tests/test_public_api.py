@@ -36,8 +36,8 @@ def test_every_loader_gives_float32_parameters_unless_told_otherwise(loader, tmp
         ),
     }[loader]
     extra = {"config": model.config} if loader is eqx_vae.load_single_file else {}
-    eqx_vae.save_diffusers(model, tmp_path)
-    eqx_vae.save_single_file(model, tmp_path / "vae.safetensors")
+    eqx_vae.save_diffusers(tmp_path, model)
+    eqx_vae.save_single_file(tmp_path / "vae.safetensors", model)
     for dtype, expected in [
         (None, jnp.float32),
         (jnp.float32, jnp.float32),

@@ -175,7 +175,7 @@ def test_truncated_file_names_the_parameter_it_breaks_off_in(model, tmp_path):
 def test_written_files_get_the_usual_permissions(model, tmp_path):
     (tmp_path / "plain").write_bytes(b"")
     eqx_vae.save(tmp_path / "model.eqx", model)
-    eqx_vae.save_diffusers(model, tmp_path / "folder")
+    eqx_vae.save_diffusers(tmp_path / "folder", model)
     expected = (tmp_path / "plain").stat().st_mode
     assert (tmp_path / "model.eqx").stat().st_mode == expected
     for path in (tmp_path / "folder").iterdir():

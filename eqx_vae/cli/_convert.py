@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     model, src_kind = load_any(args.src, dtype=dtype, preset=args.preset, variant=args.variant)
     if dst_kind == "diffusers":
-        save_diffusers(model, args.dst, variant=args.variant)
+        save_diffusers(args.dst, model, variant=args.variant)
     elif dst_kind == "single-file":
-        save_single_file(model, args.dst)
+        save_single_file(args.dst, model)
     else:
         save(args.dst, model)
     leaves = jax.tree_util.tree_leaves(model)

@@ -22,6 +22,7 @@ from .._state_dict import (
     named_parameters,
     to_diffusers_state_dict,
 )
+from ._path_first import path_first
 from ._safetensors import SafetensorsFile, looks_like_safetensors, write_safetensors
 from ._torch_files import PICKLE_SUFFIXES, load_torch_file, looks_like_torch_file
 
@@ -325,8 +326,9 @@ def _squeeze_attention(name: str, tensor: Any) -> Any:
     return tensor
 
 
+@path_first
 def save_single_file(
-    model: AutoencoderKL, path: str | os.PathLike[str], *, dtype: DTypeLike | None = None
+    path: str | os.PathLike[str], model: AutoencoderKL, *, dtype: DTypeLike | None = None
 ) -> None:
     """Writes `model` as a VAE-only single file with the original LDM names (attention
     projections as `(C, C, 1, 1)` convolutions), like `sd-vae-ft-mse`'s or FLUX's
@@ -334,9 +336,13 @@ def save_single_file(
 
     **Arguments:**
 
-    - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `path`: the `.safetensors` file to write.
+    - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `dtype`: the dtype to store; by default the model's.
+
+    The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
+    versions, `save_single_file(model, path)`, still works for one release with a
+    `DeprecationWarning`.
     """
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
