@@ -4,6 +4,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import small_config
 
@@ -48,3 +49,17 @@ def test_every_loader_gives_float32_parameters_unless_told_otherwise(loader, tmp
             loaded = loader(*arguments, **extra, **call)
             dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(loaded)}
             assert dtypes == {jnp.dtype(expected)}, (call, dtypes)
+
+
+def test_metrics_live_in_their_own_module():
+    import eqx_vae.metrics
+    from eqx_vae.metrics import bicubic_baseline, psnr, ssim
+
+    for name in ("psnr", "ssim", "bicubic_baseline"):
+        assert not hasattr(eqx_vae, name), name
+    x = jnp.zeros((3, 16, 16), jnp.float32)
+    y = x.at[0].set(0.2)  # mean squared error 0.04 / 3
+    np.testing.assert_allclose(psnr(x, y), 10 * np.log10(4 / (0.04 / 3)), rtol=1e-5)
+    np.testing.assert_allclose(ssim(y, y), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(bicubic_baseline(y, 48), y, atol=1e-6)  # constant channels
+    assert eqx_vae.metrics.psnr is psnr

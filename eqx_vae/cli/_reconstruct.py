@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .._metrics import bicubic_baseline, psnr, ssim
+from ..metrics import bicubic_baseline, psnr, ssim
 from ._checks import TILE_HELP, ArgumentProblems
 from ._common import (
     IMAGE_SUFFIXES,
