@@ -281,7 +281,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, out = pathlib.Path(tmp) / "vae", pathlib.Path(tmp)
         model = eqx_vae.AutoencoderKL(eqx_vae.AutoencoderKLConfig.sd15(), key=jax.random.key(0))
-        eqx_vae.save_diffusers(model, folder)
+        eqx_vae.save_diffusers(folder, model)
         del model
         results = {}
         kinds = [k for k in IMPLEMENTATIONS if k not in args.skip]

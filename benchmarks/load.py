@@ -79,8 +79,8 @@ def main() -> None:
             model = eqx_vae.AutoencoderKL(
                 eqx_vae.AutoencoderKLConfig.sd15(), key=jax.random.key(0)
             )
-            eqx_vae.save_diffusers(model, folder)
-            eqx_vae.save_single_file(model, folder / "vae.safetensors")
+            eqx_vae.save_diffusers(folder, model)
+            eqx_vae.save_single_file(folder / "vae.safetensors", model)
             del model
         size = (folder / "diffusion_pytorch_model.safetensors").stat().st_size / 2**20
         kinds = ["eqx load_diffusers", "diffusers from_pretrained"]

@@ -1,6 +1,7 @@
 """The KL autoencoder of latent diffusion (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1)
 as Equinox modules."""
 
+from . import metrics as metrics
 from ._attention import AttentionBlock as AttentionBlock
 from ._autoencoder import AutoencoderKL as AutoencoderKL
 from ._builtin import builtin_config as builtin_config, load_builtin as load_builtin
@@ -13,7 +14,6 @@ from ._levels import (
     DownEncoderBlock2D as DownEncoderBlock2D,
     UpDecoderBlock2D as UpDecoderBlock2D,
 )
-from ._metrics import bicubic_baseline as bicubic_baseline, psnr as psnr, ssim as ssim
 from ._mid_block import MidBlock2D as MidBlock2D
 from ._policy import Policy as Policy
 from ._resnet import ResnetBlock2D as ResnetBlock2D

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -10,19 +11,39 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """An image file as float32 `(3, H, W)` in `[-1, 1]` (grayscale and alpha images
-    become RGB). Raises `FileNotFoundError` if there is no such file and `ValueError`
-    naming the file if it cannot be read as an image."""
+    """An image file as float32 `(3, H, W)` in `[-1, 1]`.
+
+    Grayscale images become RGB with three equal channels. An image with transparency
+    (RGBA, LA, or a palette or RGB image with a transparent colour) is composited on a
+    white background: each pixel is `alpha * colour + (1 - alpha) * white`, so a fully
+    transparent pixel reads as white whatever colour it stores.
+
+    **Raises:**
+
+    `FileNotFoundError` if there is no such file and `ValueError` naming the file if it
+    cannot be read as an image.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"The image {path} does not exist.")
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+            if _has_transparency(image):
+                rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+                alpha = rgba[..., 3:] / 255.0
+                rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+            else:
+                rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise ValueError(f"Cannot read the image {path}: {e}") from e
     return np.transpose(rgb / 127.5 - 1.0, (2, 0, 1))
+
+
+def _has_transparency(image: Any) -> bool:
+    """Whether a Pillow image has an alpha channel or a transparent colour (a palette
+    entry or, for RGB and grayscale images, one colour named by PNG's `tRNS`)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:

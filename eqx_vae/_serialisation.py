@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ._autoencoder import AutoencoderKL
 from ._config import AutoencoderKLConfig
 from ._errors import CheckpointError
-from ._state_dict import abstract_model, named_parameters
+from ._state_dict import abstract_model, leaf_key, named_parameters
 from ._version import __version__
 
 
@@ -116,9 +116,7 @@ def read_tree_file(
         try:
             tree = eqx.tree_deserialise_leaves(f, like)
         except Exception as e:
-            raise CheckpointError(
-                f"{path} is damaged: its parameters could not be read ({e})."
-            ) from e
+            raise CheckpointError(f"{path} is damaged: {_unreadable_leaf(e)}.") from e
         digest = f.digest()
         stored = raw.read(_DIGEST_SIZE)
         if len(stored) != _DIGEST_SIZE:
@@ -128,6 +126,25 @@ def read_tree_file(
         if raw.read(1):
             raise CheckpointError(f"{path} is damaged: it has data after its checksum.")
     return tree, header
+
+
+def _unreadable_leaf(error: Exception) -> str:
+    """What `eqx.tree_deserialise_leaves` failed on, with the parameter's dotted name
+    (`decoder.mid_block.attentions.0.to_q.weight`): Equinox wraps the reader's error in
+    errors whose `path` attribute is the pytree path, at every level of nesting."""
+    path = None
+    cause: BaseException | None = error
+    while cause is not None and isinstance(getattr(cause, "path", None), tuple):
+        path = cause.path  # pyright: ignore[reportAttributeAccessIssue]
+        cause = cause.__cause__
+    reason = error if cause is None else cause
+    if path is None:
+        return f"its parameters could not be read ({reason})"
+    try:
+        name = leaf_key(path)
+    except TypeError:  # a pytree node that is not an attribute, a sequence or a dict
+        name = jax.tree_util.keystr(path)
+    return f"the parameter {name} could not be read ({reason})"
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import eqx_vae
-from eqx_vae import train
+from eqx_vae import metrics, train
 from eqx_vae._builtin import BUILTIN_PATH, builtin_config, with_config
 
 
@@ -89,12 +89,12 @@ def evaluate(model: eqx_vae.AutoencoderKL, images: dict[str, np.ndarray]) -> dic
             * (x.shape[1] // model.spatial_factor)
             * (x.shape[2] // model.spatial_factor)
         )
-        bicubic = jnp.clip(eqx_vae.bicubic_baseline(x, values), -1, 1)
+        bicubic = jnp.clip(metrics.bicubic_baseline(x, values), -1, 1)
         results[name] = {
-            "psnr": float(eqx_vae.psnr(x, recon)),
-            "ssim": float(eqx_vae.ssim(x, recon)),
-            "bicubic_psnr": float(eqx_vae.psnr(x, bicubic)),
-            "bicubic_ssim": float(eqx_vae.ssim(x, bicubic)),
+            "psnr": float(metrics.psnr(x, recon)),
+            "ssim": float(metrics.ssim(x, recon)),
+            "bicubic_psnr": float(metrics.psnr(x, bicubic)),
+            "bicubic_ssim": float(metrics.ssim(x, bicubic)),
             # The mean of reconstruction minus input per colour channel (R, G, B): a
             # colour cast, on the [-1, 1] scale.
             "colour_error": [float(e) for e in jnp.mean(recon - x, axis=(1, 2))],

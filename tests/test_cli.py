@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import require, small_config
 
 import eqx_vae
 
@@ -84,8 +84,51 @@ def test_convert_errors(tmp_path):
     assert "Traceback" not in result.stderr
     result = run("convert", tmp_path / "junk.safetensors", tmp_path / "out.txt", check=False)
     assert result.returncode == 1
+    (tmp_path / "junk.eqx").write_text("a text file, renamed")
+    result = run("convert", tmp_path / "junk.eqx", tmp_path / "out", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "junk.eqx is not an eqx_vae checkpoint (it does not start with" in result.stderr
     result = run("convert", check=False)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_model_files_are_told_apart_by_their_contents(model, tmp_path):
+    from eqx_vae import CheckpointError
+    from eqx_vae.cli._convert import load_any
+
+    (tmp_path / "random.eqx").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "text.eqx").write_text("a text file, renamed")
+    (tmp_path / "empty.eqx").write_bytes(b"")
+    for name in ["random.eqx", "text.eqx", "empty.eqx"]:
+        with pytest.raises(CheckpointError) as info:
+            load_any(tmp_path / name)
+        message = str(info.value)
+        assert f"{name} is not an eqx_vae checkpoint (it does not start with" in message
+        assert "is not a safetensors file" not in message
+    (tmp_path / "random.weights").write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(CheckpointError, match=r"random\.weights is not a model file"):
+        load_any(tmp_path / "random.weights")
+    # Files under another kind's name are read as what they hold.
+    eqx_vae.save(tmp_path / "eqx.safetensors", model)
+    _same(model, load_any(tmp_path / "eqx.safetensors")[0])
+    eqx_vae.save_single_file(tmp_path / "single.eqx", model)
+    with pytest.raises(CheckpointError, match=r"single\.eqx holds only an autoencoder"):
+        load_any(tmp_path / "single.eqx")  # read as a single file, which needs a preset
+
+
+def test_torch_checkpoints_are_told_apart_by_their_contents(model, tmp_path):
+    torch = require("torch")
+    from eqx_vae.cli._convert import load_any
+    from eqx_vae.interop import SafetensorsFile
+
+    eqx_vae.save_single_file(tmp_path / "single.safetensors", model)
+    with SafetensorsFile(tmp_path / "single.safetensors") as f:
+        state_dict = {name: torch.from_numpy(ref.read()) for name, ref in f.items()}
+    torch.save(state_dict, tmp_path / "weights.data")
+    loaded = eqx_vae.load_single_file(tmp_path / "weights.data", config=model.config)
+    _same(model, loaded)
+    with pytest.raises(eqx_vae.CheckpointError, match=r"weights\.data holds only an autoencoder"):
+        load_any(tmp_path / "weights.data")
 
 
 # --- reconstruct, encode, decode, info, train ---
@@ -106,6 +149,43 @@ def _read(path):
     from PIL import Image
 
     return np.asarray(Image.open(path).convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def _expected(rgb_rows):
+    """`(3, H, W)` in `[-1, 1]` from rows of 8-bit RGB triples."""
+    return np.transpose(np.asarray(rgb_rows, np.float32), (2, 0, 1)) / 127.5 - 1
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    from PIL import Image
+
+    from eqx_vae._images import read_image
+
+    # Opaque red; transparent black; black at alpha 0.4, which over white is 60% white.
+    rgba = np.array([[[255, 0, 0, 255], [0, 0, 0, 0], [0, 0, 0, 102]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    expected = _expected([[[255, 0, 0], [255, 255, 255], [153, 153, 153]]])
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.png"), expected, atol=1e-6)
+    la = np.array([[[0, 0], [50, 255]]], np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    expected = _expected([[[255, 255, 255], [50, 50, 50]]])
+    np.testing.assert_allclose(read_image(tmp_path / "la.png"), expected, atol=1e-6)
+    # A palette image whose entry 0 (black) is transparent.
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([0, 0, 0, 10, 200, 30])
+    palette.save(tmp_path / "palette.png", transparency=0)
+    expected = _expected([[[255, 255, 255], [10, 200, 30]]])
+    np.testing.assert_allclose(read_image(tmp_path / "palette.png"), expected, atol=1e-6)
+
+
+def test_grayscale_images_become_three_equal_channels(tmp_path):
+    from PIL import Image
+
+    from eqx_vae._images import read_image
+
+    Image.fromarray(np.array([[0, 128, 255]], np.uint8), "L").save(tmp_path / "gray.png")
+    expected = _expected([[[0, 0, 0], [128, 128, 128], [255, 255, 255]]])
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), expected)
 
 
 def test_reconstruct_with_the_built_in_model_on_the_sample_photograph(tmp_path):
@@ -134,10 +214,8 @@ def test_reconstruct_matches_the_library(model, tmp_path):
     assert got.shape == x.shape
     assert np.max(np.abs(got - expected)) <= 1.5 / 127.5  # 8-bit rounding
     reported = float(out.split("PSNR ")[1].split(" dB")[0])
-    assert (
-        abs(reported - float(eqx_vae.psnr(jax.numpy.asarray(x), jax.numpy.asarray(expected))))
-        < 0.01
-    )
+    psnr = eqx_vae.metrics.psnr(jax.numpy.asarray(x), jax.numpy.asarray(expected))
+    assert abs(reported - float(psnr)) < 0.01
     # Tiled, the same image.
     run(
         "reconstruct", image, tmp_path / "tiled.png", "--model", tmp_path / "m.eqx", "--tile", "16"
@@ -154,6 +232,33 @@ def test_reconstruct_a_folder(model, tmp_path):
     assert "3 images: mean PSNR" in result.stdout
     assert "reconstructing" in result.stderr  # the progress bar
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_folder_goes_on_past_unreadable_files_and_lists_them(model, tmp_path):
+    eqx_vae.save(tmp_path / "m.eqx", model)
+    m = ("--model", tmp_path / "m.eqx")
+    (tmp_path / "in").mkdir()
+    for i in (0, 2, 4):
+        _photo(tmp_path / "in" / f"{i}.png", 24, 32)
+    (tmp_path / "in" / "1.png").write_text("not an image")
+    (tmp_path / "in" / "3.jpg").write_bytes(b"")
+    result = run("reconstruct", tmp_path / "in", tmp_path / "out", *m, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "2.png", "4.png"]
+    assert "3 images: mean PSNR" in result.stdout
+    lines = result.stderr.splitlines()
+    at = lines.index("eqx-vae reconstruct: error: 2 of 5 images failed:")
+    assert lines[at + 1].startswith(f"  {tmp_path / 'in' / '1.png'}: Cannot read the image")
+    assert lines[at + 2].startswith(f"  {tmp_path / 'in' / '3.jpg'}: Cannot read the image")
+    # Encoding, and decoding a folder with a file that holds no latent.
+    result = run("encode", tmp_path / "in", tmp_path / "z", *m, check=False)
+    assert result.returncode == 1 and "2 of 5 images failed" in result.stderr
+    assert len(list((tmp_path / "z").iterdir())) == 3
+    (tmp_path / "z" / "junk.safetensors").write_bytes(b"junk")
+    result = run("decode", tmp_path / "z", tmp_path / "back", *m, check=False)
+    assert result.returncode == 1 and "1 of 4 latents failed" in result.stderr
+    assert "junk.safetensors: " in result.stderr
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["0.png", "2.png", "4.png"]
 
 
 def test_encode_then_decode(model, tmp_path):
@@ -188,7 +293,7 @@ def test_encode_then_decode(model, tmp_path):
     write_safetensors(tmp_path / "three.safetensors", {"latents": np.zeros((1, 3, 4, 4), "f4")})
     result = run("decode", tmp_path / "three.safetensors", tmp_path / "x.png", *m, check=False)
     assert result.returncode == 1 and "shape (3, 4, 4)" in result.stderr
-    eqx_vae.save_single_file(model, tmp_path / "weights.safetensors")
+    eqx_vae.save_single_file(tmp_path / "weights.safetensors", model)
     result = run("decode", tmp_path / "weights.safetensors", tmp_path / "x.png", *m, check=False)
     assert result.returncode == 1 and "no tensor named 'latents'" in result.stderr
 
@@ -201,10 +306,120 @@ def test_info(model, tmp_path):
     assert "latent scaling: z * 0.13025" in out and "spatial factor 2" in out
     out = run("info").stdout
     assert "model: built-in" in out and "spatial factor 4" in out
+    assert run("info", "--model", "builtin").stdout == out
     import json
 
     config = json.loads(run("info", "--model", tmp_path / "m.eqx", "--json").stdout)
     assert config["block_out_channels"] == [32, 32]
+
+
+def test_builtin_names_the_built_in_model_wherever_a_model_is_accepted(tmp_path, capsys):
+    import argparse
+
+    from eqx_vae.cli import main
+    from eqx_vae.cli._common import load_model
+
+    builtin = eqx_vae.load_builtin()
+    _same(builtin, load_model(argparse.Namespace(model="builtin", preset=None)))
+    run("convert", "builtin", tmp_path / "builtin.eqx")
+    _same(builtin, eqx_vae.load(tmp_path / "builtin.eqx"))
+    for command in ["reconstruct", "encode", "decode", "info", "train", "convert"]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "builtin for the built-in" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails a test that gets as far as loading a model (or training data)."""
+    from eqx_vae.cli import _convert, _latents, _reconstruct, _train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the arguments were not checked before loading")
+
+    for module in (_reconstruct, _latents, _train):
+        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(_convert, "load_any", refuse)
+    monkeypatch.setattr("eqx_vae.train.ImageFolder", refuse)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["reconstruct", "--tile", "0"], "--tile 0: must be a multiple of 2 and at least 8"),
+        (["reconstruct", "--tile", "15"], "--tile 15: must be a multiple of 2 and at least 8"),
+        (["encode", "in.png", "z.safetensors", "--tile", "-8"], "--tile -8: must be a multiple"),
+        (["decode", "in.safetensors", "o.png", "--tile", "6"], "--tile 6: must be a multiple"),
+        (["reconstruct", "in.png", "o.unknown"], "OUT o.unknown: cannot write an image"),
+        (["reconstruct", "in.png", "o"], "OUT o: an image file needs a suffix"),
+        (
+            ["decode", "in.safetensors", "o.txt"],
+            "OUT o.txt: cannot write an image with the suffix",
+        ),
+        (["encode", "in.png", "z.safetensors", "--sample", str(2**64)], "--sample 1844674"),
+        (["convert", "builtin", "out.txt"], "Cannot tell what to write to out.txt"),
+        (["train", "--steps", "0"], "--steps 0: must be at least 1"),
+        (["train", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["train", "--crop-size", "-64"], "--crop-size -64: must be at least 1"),
+        (["train", "--accumulate", "0"], "--accumulate 0: must be at least 1"),
+        (["train", "--sample-every", "0"], "--sample-every 0: must be at least 1"),
+        (["train", "--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
+        (["train", "--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0"),
+        (["train", "--disc-start", "-5"], "--disc-start -5: must be at least 0"),
+        (["train", "--learning-rate", "-0.001"], "--learning-rate -0.001: must be at least 0"),
+        (["train", "--kl-weight", "-1"], "--kl-weight -1: must be at least 0"),
+        (["train", "--scale", "1", "0.5"], "--scale 1 0.5: must be a range 0 < LOW <= HIGH"),
+        (["train", "--ema", "1"], "--ema 1: must lie between 0 and 1"),
+        (["train", "--devices", "0"], "--devices 0: must be between 1 and"),
+        (["train", "--batch-size", "6", "--accumulate", "4"], "--batch-size 6: must be a mult"),
+        (["train", "--crop-size", "30"], "--crop-size 30: must be a multiple of the spatial"),
+        (["train", "--perceptual-weight", "1"], "--perceptual-weight 1: needs --vgg16"),
+        (["train", "--vgg16", "missing.pth"], "--vgg16 missing.pth: does not exist"),
+        (["train", "--seed", str(-(2**63) - 1)], "--seed -9223372036854775809: must be a 64"),
+        (
+            ["train", "--cosine", "--warmup-steps", "10", "--steps", "10"],
+            "--steps 10: must be more than --warmup-steps 10",
+        ),
+    ],
+)
+def test_arguments_are_checked_before_loading(
+    arguments, message, tmp_path, monkeypatch, capsys, no_model_loading
+):
+    from eqx_vae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _photo(tmp_path / "in.png")
+    (tmp_path / "in.safetensors").write_bytes(b"")
+    if arguments[0] == "train":
+        arguments = [*arguments, "--data", str(tmp_path)]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"eqx-vae {arguments[0]}: error: ") and message in error, error
+    assert len(error.splitlines()) == 1
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys, no_model_loading):
+    from eqx_vae.cli import main
+
+    arguments = ["train", "--data", str(tmp_path), "--steps", "0", "--ema", "2"]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "--steps 0: must be at least 1; --ema 2: must lie between 0 and 1." in error
+
+
+def test_the_tile_rule_is_the_tiling_functions_rule():
+    from eqx_vae._tiling import check_tile
+    from eqx_vae.cli._checks import TILE_MULTIPLE, ArgumentProblems
+
+    for tile in range(-4, 40):
+        problems = ArgumentProblems()
+        problems.tile(tile)
+        try:
+            check_tile(tile, TILE_MULTIPLE)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == (not problems.problems), tile
 
 
 def test_bad_inputs_fail_clearly(model, tmp_path):
@@ -226,7 +441,7 @@ def test_bad_inputs_fail_clearly(model, tmp_path):
     result = run(
         "reconstruct", _photo(tmp_path / "in.png"), tmp_path / "o.unknown", *m, check=False
     )
-    assert result.returncode == 1 and "Cannot write" in result.stderr
+    assert result.returncode == 1 and "cannot write an image" in result.stderr
 
 
 def test_train_command(tmp_path):
@@ -249,4 +464,4 @@ def test_train_command(tmp_path):
     result = run("train", "--data", tmp_path / "nowhere", check=False)
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = run("train", "--data", tmp_path / "data", "--scale", "1", "0.5", check=False)
-    assert result.returncode == 1 and "scale range" in result.stderr
+    assert result.returncode == 1 and "--scale 1 0.5: must be a range" in result.stderr

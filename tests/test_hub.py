@@ -42,7 +42,7 @@ def model():
 def cache(tmp_path, model):
     require("huggingface_hub")
     folder = tmp_path / "saved"
-    eqx_vae.save_diffusers(model, folder)
+    eqx_vae.save_diffusers(folder, model)
     files = {f"vae/{p.name}": p.read_bytes() for p in folder.iterdir()}
     files["model_index.json"] = json.dumps({"_class_name": "StableDiffusionPipeline"}).encode()
     _make_cache(tmp_path / "hub", "someone/pipeline", files)
@@ -79,7 +79,7 @@ def test_offline_mode_is_honoured(cache, model, monkeypatch):
 
 
 def test_local_paths(tmp_path, model):
-    eqx_vae.save_diffusers(model, tmp_path / "vae")
+    eqx_vae.save_diffusers(tmp_path / "vae", model)
     _same(model, eqx_vae.from_pretrained(tmp_path))
     _same(model, eqx_vae.from_pretrained(tmp_path / "vae"))
     with pytest.raises(CheckpointError, match=r"is a file; use `eqx_vae\.load_single_file`"):

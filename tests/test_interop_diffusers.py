@@ -97,7 +97,7 @@ def test_save_diffusers_loads_in_diffusers(torch_model, tmp_path, variant):
     torch_model.save_pretrained(tmp_path / "src")
     ours = eqx_vae.load_diffusers(tmp_path / "src")
     dtype = None if variant is None else jnp.float16
-    eqx_vae.save_diffusers(ours, tmp_path / "dst", dtype=dtype, variant=variant)
+    eqx_vae.save_diffusers(tmp_path / "dst", ours, dtype=dtype, variant=variant)
     theirs, info = diffusers.AutoencoderKL.from_pretrained(
         tmp_path / "dst", variant=variant, torch_dtype=torch.float32, output_loading_info=True
     )
@@ -119,7 +119,7 @@ def test_save_diffusers_loads_in_diffusers(torch_model, tmp_path, variant):
 
 def test_save_then_load_is_bit_exact(tmp_path):
     model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
-    eqx_vae.save_diffusers(model, tmp_path)
+    eqx_vae.save_diffusers(tmp_path, model)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
@@ -135,9 +135,27 @@ def test_save_then_load_is_bit_exact(tmp_path):
     assert half.decoder.conv_out.weight.dtype == jnp.bfloat16
 
 
+def test_save_diffusers_takes_the_path_first(tmp_path):
+    model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
+    eqx_vae.save_diffusers(tmp_path / "new", model)  # warnings are errors: none here
+    eqx_vae.save_diffusers(path=tmp_path / "keywords", model=model)
+    expected = {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()}
+    message = r"`eqx_vae\.save_diffusers\(model, path, \.\.\.\)` is deprecated.*\(path, model"
+    # The old order, model first, for one release.
+    with pytest.warns(DeprecationWarning, match=message) as warned:
+        eqx_vae.save_diffusers(model, tmp_path / "old")  # pyright: ignore[reportArgumentType, reportCallIssue]
+    assert warned[0].filename == __file__  # points at the caller
+    with pytest.warns(DeprecationWarning, match=message):
+        eqx_vae.save_diffusers(model, path=tmp_path / "old-keyword", variant="v")  # pyright: ignore[reportArgumentType, reportCallIssue]
+    for folder in ("keywords", "old"):
+        assert {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()} == expected
+    variant = tmp_path / "old-keyword" / "diffusion_pytorch_model.v.safetensors"
+    assert variant.read_bytes() == expected["diffusion_pytorch_model.safetensors"]
+
+
 def test_config_that_does_not_match_the_weights(tmp_path):
     model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
-    eqx_vae.save_diffusers(model, tmp_path)
+    eqx_vae.save_diffusers(tmp_path, model)
     config = json.loads((tmp_path / "config.json").read_text())
     config["layers_per_block"] = 2
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -150,7 +168,7 @@ def test_config_that_does_not_match_the_weights(tmp_path):
 
 def test_invalid_config_json(tmp_path):
     model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
-    eqx_vae.save_diffusers(model, tmp_path)
+    eqx_vae.save_diffusers(tmp_path, model)
     (tmp_path / "config.json").write_text('{"act_fn": "gelu"}')
     with pytest.raises(
         CheckpointError, match=r"config\.json is not a valid AutoencoderKL config.*gelu"
@@ -167,7 +185,7 @@ def test_missing_folder_and_weights(tmp_path):
     with pytest.raises(CheckpointError, match=r"has no config\.json or in its 'vae' subfolder"):
         eqx_vae.load_diffusers(tmp_path)
     model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
-    eqx_vae.save_diffusers(model, tmp_path)
+    eqx_vae.save_diffusers(tmp_path, model)
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"has no diffusion_pytorch_model\.safetensors"):
         eqx_vae.load_diffusers(tmp_path)
@@ -182,7 +200,7 @@ def test_non_finite_weights_refused_on_request(tmp_path):
         },
         model.config,
     )
-    eqx_vae.save_diffusers(bad, tmp_path)
+    eqx_vae.save_diffusers(tmp_path, bad)
     eqx_vae.load_diffusers(tmp_path)  # not checked by default
     with pytest.raises(
         CheckpointError, match=r"decoder\.conv_out\.bias: 2 of 3 values are NaN or infinite"

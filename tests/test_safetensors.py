@@ -146,10 +146,10 @@ def test_file_truncated_after_opening(tmp_path):
 def model_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     eqx_vae.save_diffusers(
+        folder,
         eqx_vae.AutoencoderKL(
             small_config(block_out_channels=(8,), norm_num_groups=4), key=jax.random.key(0)
         ),
-        folder,
     )
     return folder, (folder / "diffusion_pytorch_model.safetensors").read_bytes()
 

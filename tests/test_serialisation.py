@@ -150,10 +150,31 @@ def test_truncated_and_corrupted_files(model, tmp_path):
         eqx_vae.load(path)
 
 
+def test_truncated_file_names_the_parameter_it_breaks_off_in(model, tmp_path):
+    from eqx_vae._state_dict import named_parameters
+
+    names = [name for name, _ in named_parameters(model)]
+    path = tmp_path / "model.eqx"
+    eqx_vae.save(path, model)
+    data = path.read_bytes()
+    # Inside the last parameter: its last 8 bytes and the 32-byte checksum are cut off.
+    path.write_bytes(data[:-40])
+    with pytest.raises(CheckpointError) as info:
+        eqx_vae.load(path)
+    assert f"the parameter {names[-1]} could not be read" in str(info.value)
+    assert "GetAttrKey" not in str(info.value)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"the parameter ([\w.]+) could not be read") as info:
+        eqx_vae.load(path)
+    assert info.match(r"the parameter (encoder|decoder)\.")
+    named = str(info.value).split("the parameter ")[1].split(" ")[0]
+    assert named in names and "Key" not in str(info.value)
+
+
 def test_written_files_get_the_usual_permissions(model, tmp_path):
     (tmp_path / "plain").write_bytes(b"")
     eqx_vae.save(tmp_path / "model.eqx", model)
-    eqx_vae.save_diffusers(model, tmp_path / "folder")
+    eqx_vae.save_diffusers(tmp_path / "folder", model)
     expected = (tmp_path / "plain").stat().st_mode
     assert (tmp_path / "model.eqx").stat().st_mode == expected
     for path in (tmp_path / "folder").iterdir():

@@ -21,7 +21,7 @@ def _tiny(**overrides) -> eqx_vae.AutoencoderKL:
 
 def _ldm_tensors(model, tmp_path) -> dict[str, np.ndarray]:
     path = tmp_path / "plain.safetensors"
-    eqx_vae.save_single_file(model, path)
+    eqx_vae.save_single_file(path, model)
     with SafetensorsFile(path) as f:
         return {name: ref.read() for name, ref in f.items()}
 
@@ -35,8 +35,8 @@ def _same_model(a, b):
 def test_written_file_loads_in_diffusers(tmp_path):
     torch, diffusers = require_torch()
     model = _tiny()
-    eqx_vae.save_single_file(model, tmp_path / "vae.safetensors")
-    eqx_vae.save_diffusers(model, tmp_path / "config")  # from_single_file reads config.json here
+    eqx_vae.save_single_file(tmp_path / "vae.safetensors", model)
+    eqx_vae.save_diffusers(tmp_path / "config", model)  # from_single_file reads config.json here
     theirs = diffusers.AutoencoderKL.from_single_file(
         tmp_path / "vae.safetensors", config=str(tmp_path / "config")
     )
@@ -71,6 +71,23 @@ def test_prefixes_and_ignored_training_keys(tmp_path, prefix):
     _same_model(model, loaded)
 
 
+def test_save_single_file_takes_the_path_first(tmp_path):
+    model = _tiny()
+    eqx_vae.save_single_file(tmp_path / "new.safetensors", model, dtype=jnp.float16)
+    expected = (tmp_path / "new.safetensors").read_bytes()
+    eqx_vae.save_single_file(path=tmp_path / "kw.safetensors", model=model, dtype=jnp.float16)
+    assert (tmp_path / "kw.safetensors").read_bytes() == expected
+    message = r"`eqx_vae\.save_single_file\(model, path, \.\.\.\)` is deprecated.*\(path, model"
+    # The old order, model first, for one release.
+    with pytest.warns(DeprecationWarning, match=message) as warned:
+        eqx_vae.save_single_file(model, tmp_path / "old.safetensors", dtype=jnp.float16)  # pyright: ignore[reportArgumentType, reportCallIssue]
+    assert warned[0].filename == __file__  # points at the caller
+    with pytest.warns(DeprecationWarning, match=message):
+        eqx_vae.save_single_file(model, path=tmp_path / "old-kw.safetensors", dtype=jnp.float16)  # pyright: ignore[reportArgumentType, reportCallIssue]
+    for name in ("old.safetensors", "old-kw.safetensors"):
+        assert (tmp_path / name).read_bytes() == expected
+
+
 def test_architecture_is_inferred(tmp_path):
     model = eqx_vae.AutoencoderKL(
         AutoencoderKLConfig(
@@ -87,7 +104,7 @@ def test_architecture_is_inferred(tmp_path):
         ),
         key=jax.random.key(0),
     )
-    eqx_vae.save_single_file(model, tmp_path / "vae.safetensors")
+    eqx_vae.save_single_file(tmp_path / "vae.safetensors", model)
     # The architecture is read off the shapes, but the scaling needs a preset or config:
     with pytest.raises(CheckpointError, match=r"16 latent channels.*preset=.*\['sd3', 'flux1'\]"):
         eqx_vae.load_single_file(tmp_path / "vae.safetensors")

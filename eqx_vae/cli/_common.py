@@ -3,6 +3,7 @@ writing images, running the autoencoder on images of any size."""
 
 import argparse
 import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,31 +13,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._autoencoder import AutoencoderKL
-from .._builtin import BUILTIN_PATH, load_builtin
+from .._builtin import BUILTIN_PATH
 from .._config import PRESETS
 from .._distribution import DiagonalGaussian
+from .._errors import CheckpointError
 from .._images import (
     IMAGE_SUFFIXES as IMAGE_SUFFIXES,
     read_image as read_image,
     write_image as write_image,
 )
+from .._progress import Progress
 from .._tiling import tiled_decode, tiled_encode
 from .._xla import compiler_options
-from ._convert import DTYPES
+from ._convert import BUILTIN, DTYPES, load_any
 
 
 SAMPLE_IMAGE = BUILTIN_PATH.parent / "chelsea.png"
 
 
+MODEL_HELP = (
+    "an eqx_vae checkpoint (.eqx), a diffusers folder, an original single file, a Hugging "
+    f"Face Hub id, or {BUILTIN} for the built-in model (the default; a file or folder named "
+    f"{BUILTIN} is ./{BUILTIN})"
+)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        metavar="MODEL",
-        help=(
-            "an eqx_vae checkpoint (.eqx), a diffusers folder, an original single file, or "
-            "a Hugging Face Hub id; the built-in model by default"
-        ),
-    )
+    parser.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -47,12 +50,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args: argparse.Namespace) -> AutoencoderKL:
-    """The model `--model` names: a local file or folder of any kind, or a Hub id."""
-    from ._convert import load_any
+def model_name(args: argparse.Namespace) -> str:
+    """How to call the model `--model` names."""
+    return "built-in" if args.model in (None, BUILTIN) else args.model
 
-    if args.model is None:
-        return load_builtin()
+
+def load_model(args: argparse.Namespace) -> AutoencoderKL:
+    """The model `--model` names: the built-in model (by default, or as `builtin`), a
+    local file or folder of any kind, or a Hub id."""
+    if args.model is None or args.model == BUILTIN:
+        return load_any(BUILTIN)[0]
     path = pathlib.Path(args.model)
     if path.exists():
         return load_any(path, preset=args.preset)[0]
@@ -80,6 +87,44 @@ def pairs(
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist.")
     return [(source, destination)]
+
+
+def run_jobs(
+    jobs: list[tuple[pathlib.Path, pathlib.Path]],
+    description: str,
+    work: Callable[[pathlib.Path, pathlib.Path], tuple[str, dict[str, Any]]],
+) -> list[str]:
+    """Runs `work(source, destination)` on every job; it returns a line to print and
+    values for the progress bar, which is shown instead of the lines when there is
+    more than one job. A job that fails with an error the command line reports (a
+    file that cannot be read or written) does not stop the others: the failures are
+    returned, as `source: error` lines. A single job's error is raised."""
+    bar = Progress(len(jobs), description) if len(jobs) > 1 else None
+    failures = []
+    for source, destination in jobs:
+        try:
+            line, values = work(source, destination)
+        except (CheckpointError, ValueError, OSError) as e:
+            if bar is None:
+                raise
+            failures.append(f"{source}: {e}")
+            bar.update(1)
+            continue
+        if bar is None:
+            print(line)
+        else:
+            bar.update(1, **values)
+    return failures
+
+
+def exit_status(command: str, failures: list[str], total: int, what: str) -> int:
+    """Lists the failures of `run_jobs` on stderr; the exit status: 1 if any."""
+    if not failures:
+        return 0
+    print(f"eqx-vae {command}: error: {len(failures)} of {total} {what} failed:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return 1
 
 
 class Runner:

@@ -9,13 +9,19 @@ import jax
 import jax.numpy as jnp
 
 from .._autoencoder import AutoencoderKL
+from .._builtin import load_builtin
 from .._config import PRESETS
+from .._errors import CheckpointError
 from .._serialisation import MAGIC, load, save
 from ..interop import load_diffusers, load_single_file, save_diffusers, save_single_file
+from ..interop._safetensors import looks_like_safetensors
+from ..interop._torch_files import PICKLE_SUFFIXES, looks_like_torch_file
 
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 KINDS = ("diffusers", "single-file", "eqx")
+# The name that stands for the built-in model wherever a model path is accepted.
+BUILTIN = "builtin"
 
 
 def add_parser(commands: Any) -> None:
@@ -25,13 +31,16 @@ def add_parser(commands: Any) -> None:
         description=(
             "Convert a VAE between a diffusers folder, an original single file "
             "(.safetensors, or a PyTorch pickle when torch is installed) and an eqx_vae "
-            "checkpoint (.eqx). The kinds are told from the paths: a folder is a diffusers "
-            "model, a file starting with the eqx_vae header an eqx_vae checkpoint, any other "
-            "file a single file; DST ending in .eqx is written as an eqx_vae checkpoint, in "
-            ".safetensors as a single file, anything else as a diffusers folder."
+            "checkpoint (.eqx). The kind of SRC is told from its contents: a folder is a "
+            "diffusers model, a file an eqx_vae checkpoint, a safetensors file or a PyTorch "
+            "checkpoint by how it starts, whatever its name. DST ending in .eqx is written "
+            "as an eqx_vae checkpoint, in .safetensors as a single file, anything else as a "
+            "diffusers folder."
         ),
     )
-    parser.add_argument("src", type=pathlib.Path, metavar="SRC")
+    parser.add_argument(
+        "src", metavar="SRC", help=f"the model to convert; {BUILTIN} for the built-in model"
+    )
     parser.add_argument("dst", type=pathlib.Path, metavar="DST")
     parser.add_argument("--to", choices=KINDS, help="the kind of DST, instead of its suffix")
     parser.add_argument("--dtype", choices=list(DTYPES), help="parameter dtype to store")
@@ -45,12 +54,33 @@ def add_parser(commands: Any) -> None:
 
 
 def source_kind(path: pathlib.Path) -> str:
+    """What a model path holds, told from its contents: a folder is a diffusers model;
+    a file an eqx_vae checkpoint, a safetensors file or a PyTorch checkpoint by how it
+    starts, whatever its name. A `.safetensors` or PyTorch-named file that starts like
+    none of them goes to its reader, which says what is wrong with it; any other raises
+    `CheckpointError` saying what the file is not."""
     if path.is_dir():
         return "diffusers"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     with open(path, "rb") as f:
-        return "eqx" if f.read(len(MAGIC)) == MAGIC else "single-file"
+        head = f.read(16)
+    if head.startswith(MAGIC):
+        return "eqx"
+    if looks_like_safetensors(head, path.stat().st_size) or looks_like_torch_file(head):
+        return "single-file"
+    if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        return "single-file"
+    start = "it is empty" if not head else f"it starts with {head[:8]!r}"
+    if path.suffix == ".eqx":
+        raise CheckpointError(
+            f"{path} is not an eqx_vae checkpoint (it does not start with {MAGIC!r}; "
+            f"{start}), nor a safetensors file or a PyTorch checkpoint."
+        )
+    raise CheckpointError(
+        f"{path} is not a model file: not an eqx_vae checkpoint (starting with {MAGIC!r}), "
+        f"a safetensors file or a PyTorch checkpoint ({start})."
+    )
 
 
 def destination_kind(path: pathlib.Path) -> str:
@@ -67,13 +97,18 @@ def destination_kind(path: pathlib.Path) -> str:
 
 
 def load_any(
-    path: pathlib.Path,
+    source: str | pathlib.Path,
     *,
     dtype: Any = None,
     preset: str | None = None,
     variant: str | None = None,
 ) -> tuple[AutoencoderKL, str]:
-    """Loads a model of any kind, telling the kind from the path."""
+    """Loads the built-in model for the name `builtin` (a string; a file or folder of
+    that name is `./builtin`), or a model file or folder of any kind, telling the kind
+    from its contents (see `source_kind`). Returns the model and its kind."""
+    if isinstance(source, str) and source == BUILTIN:
+        return load_builtin(dtype), "built-in"
+    path = pathlib.Path(source)
     kind = source_kind(path)
     if kind == "diffusers":
         model = load_diffusers(path, dtype=dtype, variant=variant)
@@ -87,13 +122,13 @@ def load_any(
 
 
 def run(args: argparse.Namespace) -> int:
+    dst_kind = args.to or destination_kind(args.dst)
     dtype = DTYPES[args.dtype] if args.dtype else None
     model, src_kind = load_any(args.src, dtype=dtype, preset=args.preset, variant=args.variant)
-    dst_kind = args.to or destination_kind(args.dst)
     if dst_kind == "diffusers":
-        save_diffusers(model, args.dst, variant=args.variant)
+        save_diffusers(args.dst, model, variant=args.variant)
     elif dst_kind == "single-file":
-        save_single_file(model, args.dst)
+        save_single_file(args.dst, model)
     else:
         save(args.dst, model)
     leaves = jax.tree_util.tree_leaves(model)

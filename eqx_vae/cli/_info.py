@@ -4,7 +4,7 @@ import argparse
 import json
 from typing import Any
 
-from ._common import add_model_arguments, describe, load_model
+from ._common import add_model_arguments, describe, load_model, model_name
 
 
 def add_parser(commands: Any) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         scaling = f"(z - {c.shift_factor}) * {c.scaling_factor}"
     else:
         scaling = f"z * {c.scaling_factor}"
-    print(f"model: {args.model or 'built-in'}")
+    print(f"model: {model_name(args)}")
     print(describe(model))
     print(f"latent scaling: {scaling}")
     print(f"force_upcast: {c.force_upcast}")

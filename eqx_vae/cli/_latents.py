@@ -11,16 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import CheckpointError
-from .._progress import Progress
 from ..interop._safetensors import SafetensorsFile, write_safetensors
+from ._checks import TILE_HELP, ArgumentProblems
 from ._common import (
     IMAGE_SUFFIXES,
     Runner,
     add_model_arguments,
     compute_dtype,
+    exit_status,
     load_model,
     pairs,
     read_image,
+    run_jobs,
     write_image,
 )
 
@@ -49,7 +51,7 @@ def add_parsers(commands: Any) -> None:
         help="draw a posterior sample with this seed instead of taking the mode",
     )
     encode.add_argument("--raw", action="store_true", help="store the latent unscaled")
-    encode.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    encode.add_argument("--tile", type=int, metavar="PX", help=TILE_HELP)
     encode.set_defaults(run=run_encode)
 
     decode = commands.add_parser(
@@ -64,22 +66,28 @@ def add_parsers(commands: Any) -> None:
     decode.add_argument("input", type=pathlib.Path, metavar="IN")
     decode.add_argument("output", type=pathlib.Path, metavar="OUT")
     add_model_arguments(decode)
-    decode.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    decode.add_argument("--tile", type=int, metavar="PX", help=TILE_HELP)
     decode.set_defaults(run=run_decode)
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    problems = ArgumentProblems()
+    problems.tile(args.tile)
+    problems.seed("--sample", args.sample)
+    problems.raise_if_any()
     jobs = pairs(args.input, args.output, IMAGE_SUFFIXES, ".safetensors")
     model = load_model(args)
     runner = Runner(model, compute_dtype(args), args.tile)
-    bar = Progress(len(jobs), "encoding") if len(jobs) > 1 else None
-    for index, (source, destination) in enumerate(jobs):
+    indices = {source: index for index, (source, _) in enumerate(jobs)}
+
+    def encode(source: pathlib.Path, destination: pathlib.Path) -> tuple[str, dict]:
         image = read_image(source)
         posterior = runner.encode(image)
         if args.sample is None:
             z = posterior.mode()
         else:
-            z = posterior.sample(jax.random.fold_in(jax.random.key(args.sample), index))
+            key = jax.random.fold_in(jax.random.key(args.sample), indices[source])
+            z = posterior.sample(key)
         if not args.raw:
             z = model.scale_latents(z)
         metadata = {
@@ -92,19 +100,23 @@ def run_encode(args: argparse.Namespace) -> int:
         write_safetensors(
             destination, {LATENTS: np.asarray(z, np.float32)[None]}, metadata=metadata
         )
-        if bar is None:
-            print(f"{source} -> {destination}: latent {tuple(z.shape)}")
-        else:
-            bar.update(1)
-    return 0
+        return f"{source} -> {destination}: latent {tuple(z.shape)}", {}
+
+    failures = run_jobs(jobs, "encoding", encode)
+    return exit_status(args.command, failures, len(jobs), "images")
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    problems = ArgumentProblems()
+    problems.tile(args.tile)
+    if not args.input.is_dir():
+        problems.image_output(args.output)
+    problems.raise_if_any()
     jobs = pairs(args.input, args.output, (".safetensors",), ".png")
     model = load_model(args)
     runner = Runner(model, compute_dtype(args), args.tile)
-    bar = Progress(len(jobs), "decoding") if len(jobs) > 1 else None
-    for source, destination in jobs:
+
+    def decode(source: pathlib.Path, destination: pathlib.Path) -> tuple[str, dict]:
         z, metadata = _read_latent(source, model.latent_channels)
         if json.loads(metadata.get("scaled", "true")):
             z = np.asarray(model.unscale_latents(jnp.asarray(z)))
@@ -113,11 +125,10 @@ def run_decode(args: argparse.Namespace) -> int:
             h, w = json.loads(metadata["image_size"])
             image = image[:, :h, :w]
         write_image(destination, image)
-        if bar is None:
-            print(f"{source} -> {destination}: image {image.shape[1]}x{image.shape[2]}")
-        else:
-            bar.update(1)
-    return 0
+        return f"{source} -> {destination}: image {image.shape[1]}x{image.shape[2]}", {}
+
+    failures = run_jobs(jobs, "decoding", decode)
+    return exit_status(args.command, failures, len(jobs), "latents")
 
 
 def _scaling(model: Any) -> dict[str, Any]:

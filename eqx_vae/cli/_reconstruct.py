@@ -7,8 +7,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .._metrics import bicubic_baseline, psnr, ssim
-from .._progress import Progress
+from ..metrics import bicubic_baseline, psnr, ssim
+from ._checks import TILE_HELP, ArgumentProblems
 from ._common import (
     IMAGE_SUFFIXES,
     SAMPLE_IMAGE,
@@ -16,9 +16,12 @@ from ._common import (
     add_model_arguments,
     compute_dtype,
     describe,
+    exit_status,
     load_model,
+    model_name,
     pairs,
     read_image,
+    run_jobs,
     write_image,
 )
 
@@ -54,20 +57,27 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--compare", action="store_true", help="write the input and output side by side"
     )
-    parser.add_argument("--tile", type=int, metavar="PX", help="tile size for large images")
+    parser.add_argument("--tile", type=int, metavar="PX", help=TILE_HELP)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    problems = ArgumentProblems()
+    problems.tile(args.tile)
+    if not args.input.is_dir():
+        problems.image_output(args.output)
+    else:
+        problems.check(
+            not args.output.suffix, "OUT", args.output, "IN is a folder, so OUT must be one too"
+        )
+    problems.raise_if_any()
     jobs = pairs(args.input, args.output, IMAGE_SUFFIXES, ".png")
-    if args.input.is_dir() and args.output.suffix:
-        raise ValueError(f"IN is a folder, so OUT must be one too, got {args.output}.")
     model = load_model(args)
-    print(f"model: {args.model or 'built-in'}, {describe(model)}")
+    print(f"model: {model_name(args)}, {describe(model)}")
     runner = Runner(model, compute_dtype(args), args.tile)
-    bar = Progress(len(jobs), "reconstructing") if len(jobs) > 1 else None
     scores = []
-    for source, destination in jobs:
+
+    def reconstruct(source: pathlib.Path, destination: pathlib.Path) -> tuple[str, dict]:
         image = read_image(source)
         recon = np.clip(runner.reconstruct(image), -1.0, 1.0)
         x, y = jnp.asarray(image), jnp.asarray(recon)
@@ -77,20 +87,19 @@ def run(args: argparse.Namespace) -> int:
         )
         bicubic = jnp.clip(bicubic_baseline(x, latent_values), -1.0, 1.0)
         score = (float(psnr(x, y)), float(ssim(x, y)), float(psnr(x, bicubic)))
-        scores.append(score)
         write_image(destination, np.concatenate([image, recon], axis=2) if args.compare else recon)
+        scores.append(score)
         line = (
             f"{source} -> {destination}: PSNR {score[0]:.2f} dB, SSIM {score[1]:.4f} "
             f"(bicubic with as many values: PSNR {score[2]:.2f} dB)"
         )
-        if bar is None:
-            print(line)
-        else:
-            bar.update(1, psnr=score[0])
+        return line, {"psnr": score[0]}
+
+    failures = run_jobs(jobs, "reconstructing", reconstruct)
     if len(scores) > 1:
         mean = np.mean(scores, axis=0)
         print(
             f"{len(scores)} images: mean PSNR {mean[0]:.2f} dB, SSIM {mean[1]:.4f} "
             f"(bicubic {mean[2]:.2f} dB)"
         )
-    return 0
+    return exit_status(args.command, failures, len(jobs), "images")

@@ -12,7 +12,9 @@ from .._autoencoder import AutoencoderKL
 from .._builtin import builtin_config
 from .._config import PRESETS, AutoencoderKLConfig
 from .._serialisation import save
+from ._checks import ArgumentProblems
 from ._common import describe, load_model
+from ._convert import BUILTIN
 
 
 def add_parser(commands: Any) -> None:
@@ -30,7 +32,10 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--data", type=pathlib.Path, required=True, metavar="DIR")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/train"))
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--model", help="fine-tune this model (any that `--model` loads)")
+    start.add_argument(
+        "--model",
+        help=f"fine-tune this model (any that `--model` loads; {BUILTIN} for the built-in one)",
+    )
     start.add_argument(
         "--new",
         choices=["builtin", *PRESETS],
@@ -96,11 +101,75 @@ def _train_config_defaults() -> Any:
     return TrainConfig()
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raises `ValueError` naming every option whose value training would refuse or
+    crash on, before any data or model is loaded."""
+    problems = ArgumentProblems()
+    for options, minimum in [
+        (("--steps", "--batch-size", "--crop-size", "--accumulate"), 1),
+        (("--sample-every", "--checkpoint-every"), 1),
+        (("--warmup-steps", "--disc-start"), 0),
+        (("--learning-rate", "--kl-weight", "--disc-weight", "--perceptual-weight"), 0.0),
+    ]:
+        for option in options:
+            problems.at_least(option, getattr(args, _dest(option)), minimum)
+    low, high = args.scale
+    problems.check(0 < low <= high, "--scale", args.scale, "must be a range 0 < LOW <= HIGH")
+    if args.ema is not None:
+        problems.check(0 < args.ema < 1, "--ema", args.ema, "must lie between 0 and 1")
+    if args.cosine:
+        problems.check(
+            args.steps > args.warmup_steps,
+            "--steps",
+            args.steps,
+            f"must be more than --warmup-steps {args.warmup_steps} to decay (--cosine)",
+        )
+    count = jax.local_device_count()
+    problems.check(
+        1 <= args.devices <= count, "--devices", args.devices, f"must be between 1 and {count}"
+    )
+    if args.devices >= 1 and args.accumulate >= 1:
+        problems.check(
+            args.batch_size % (args.devices * args.accumulate) == 0,
+            "--batch-size",
+            args.batch_size,
+            f"must be a multiple of --devices {args.devices} x --accumulate {args.accumulate}",
+        )
+    if args.model is None and args.crop_size >= 1:
+        factor = _new_config(args.new).spatial_factor
+        problems.check(
+            args.crop_size % factor == 0,
+            "--crop-size",
+            args.crop_size,
+            f"must be a multiple of the spatial factor {factor} of --new {args.new}",
+        )
+    if args.perceptual_weight > 0:
+        problems.check(
+            args.vgg16 is not None,
+            "--perceptual-weight",
+            args.perceptual_weight,
+            "needs --vgg16 (torchvision's VGG16 weights)",
+        )
+    if args.vgg16 is not None:
+        problems.check(args.vgg16.is_file(), "--vgg16", args.vgg16, "does not exist")
+    problems.seed("--seed", args.seed)
+    problems.raise_if_any()
+
+
+def _dest(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
+
+
+def _new_config(name: str) -> AutoencoderKLConfig:
+    return builtin_config() if name == "builtin" else getattr(AutoencoderKLConfig, name)()
+
+
 def run(args: argparse.Namespace) -> int:
     from jax.sharding import Mesh
 
     from .. import train
 
+    check_arguments(args)
     config = train.TrainConfig(
         reconstruction=args.reconstruction,
         perceptual_weight=args.perceptual_weight,
@@ -117,18 +186,8 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=args.dtype,
     )
     lpips = None
-    if args.perceptual_weight > 0:
-        if args.vgg16 is None:
-            raise ValueError("--perceptual-weight needs --vgg16 (torchvision's VGG16 weights).")
+    if args.perceptual_weight > 0:  # with --vgg16, as checked
         lpips = train.LPIPS.from_files(args.vgg16)
-    if args.devices < 1 or args.devices > jax.local_device_count():
-        raise ValueError(
-            f"--devices must be between 1 and {jax.local_device_count()}, got {args.devices}."
-        )
-    if args.batch_size % (args.devices * args.accumulate):
-        raise ValueError(
-            f"--batch-size {args.batch_size} must divide into --devices x --accumulate."
-        )
     data = train.ImageFolder(
         args.data,
         crop_size=args.crop_size,
@@ -142,13 +201,13 @@ def run(args: argparse.Namespace) -> int:
         vae = load_model(argparse.Namespace(model=args.model, preset=args.preset))
         vae = jax.tree_util.tree_map(lambda x: x.astype(np.float32), vae)
     else:
-        new = (
-            builtin_config() if args.new == "builtin" else getattr(AutoencoderKLConfig, args.new)()
-        )
-        vae = AutoencoderKL(new, key=jax.random.fold_in(key, 0))
+        vae = AutoencoderKL(_new_config(args.new), key=jax.random.fold_in(key, 0))
     factor = vae.spatial_factor
     if args.crop_size % factor:
-        raise ValueError(f"--crop-size must be a multiple of the spatial factor {factor}.")
+        raise ValueError(
+            f"--crop-size {args.crop_size}: must be a multiple of the spatial factor {factor} "
+            f"of --model {args.model}."
+        )
     print(f"training {describe(vae)} on {len(data.files)} images from {args.data}")
     print("config:", {k: v for k, v in dataclasses.asdict(config).items()})
     optimizers = train.make_optimizers(config)

@@ -17,6 +17,7 @@ from .._custom_types import DTypeLike
 from .._errors import CheckpointError
 from .._serialisation import atomic_write
 from .._state_dict import from_diffusers_state_dict, to_diffusers_state_dict
+from ._path_first import path_first
 from ._safetensors import SafetensorsFile, TensorRef, write_safetensors
 from ._torch_files import load_torch_file
 
@@ -144,9 +145,10 @@ def _open_shards(index: pathlib.Path, stack: contextlib.ExitStack) -> dict[str, 
     return tensors
 
 
+@path_first
 def save_diffusers(
-    model: AutoencoderKL,
     path: str | os.PathLike[str],
+    model: AutoencoderKL,
     *,
     dtype: DTypeLike | None = None,
     variant: str | None = None,
@@ -160,10 +162,14 @@ def save_diffusers(
 
     **Arguments:**
 
-    - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `path`: the folder; created if missing.
+    - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `dtype`: the dtype to store, e.g. `jnp.float16`; by default the model's.
     - `variant`: write `diffusion_pytorch_model.<variant>.safetensors`.
+
+    The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
+    versions, `save_diffusers(model, path)`, still works for one release with a
+    `DeprecationWarning`.
     """
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")

@@ -42,6 +42,16 @@ _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of `size` bytes that starts with `head` (its first 9 bytes or
+    more) is laid out as a safetensors file: a header length that fits in the file,
+    then a JSON object. Says nothing about whether the rest is intact."""
+    if len(head) <= _LENGTH.size:
+        return False
+    (length,) = _LENGTH.unpack(head[: _LENGTH.size])
+    return 2 <= length <= min(_MAX_HEADER, size - _LENGTH.size) and head[8:9] == b"{"
+
+
 class TensorRef:
     """A tensor in an open safetensors file: its shape and dtype are known from the
     header, its data is read on `read()` (or `np.asarray`) into a new array."""

@@ -22,8 +22,9 @@ from .._state_dict import (
     named_parameters,
     to_diffusers_state_dict,
 )
-from ._safetensors import SafetensorsFile, write_safetensors
-from ._torch_files import PICKLE_SUFFIXES, load_torch_file
+from ._path_first import path_first
+from ._safetensors import SafetensorsFile, looks_like_safetensors, write_safetensors
+from ._torch_files import PICKLE_SUFFIXES, load_torch_file, looks_like_torch_file
 
 
 _PREFIXES = ("first_stage_model.", "vae.")
@@ -59,8 +60,9 @@ def load_single_file(
 
     **Arguments:**
 
-    - `path`: a `.safetensors` file, or a PyTorch pickle (`.ckpt`, `.pt`, `.pth`,
-        `.bin`), which is read with `torch.load(weights_only=True)` and needs torch.
+    - `path`: a safetensors file or a PyTorch checkpoint (`.ckpt`, `.pt`, `.pth`,
+        `.bin`), told apart by their contents whatever the file's name. PyTorch
+        checkpoints are read with `torch.load(weights_only=True)` and need torch.
     - `config`: the full configuration, when it is known.
     - `preset`: the model family, one of `eqx_vae.PRESETS` (`"sd15"` for
         `sd-vae-ft-mse`/`-ema`, `"sdxl"`, `"sd3"`, `"flux1"` for FLUX's `ae.safetensors`,
@@ -79,10 +81,21 @@ def load_single_file(
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file.")
-    if path.suffix in PICKLE_SUFFIXES:
+    if _reads_as_torch(path):
         return _load(path, load_torch_file(path), config, preset, dtype, check_finite)
     with SafetensorsFile(path) as tensors:
         return _load(path, tensors, config, preset, dtype, check_finite)
+
+
+def _reads_as_torch(path: pathlib.Path) -> bool:
+    """Whether to read `path` with torch rather than as safetensors: by how the file
+    starts, and by its suffix when it starts like neither (so that the reader its name
+    promises says what is wrong with it)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if looks_like_safetensors(head, path.stat().st_size):
+        return False
+    return looks_like_torch_file(head) or path.suffix in PICKLE_SUFFIXES
 
 
 def _load(
@@ -313,8 +326,9 @@ def _squeeze_attention(name: str, tensor: Any) -> Any:
     return tensor
 
 
+@path_first
 def save_single_file(
-    model: AutoencoderKL, path: str | os.PathLike[str], *, dtype: DTypeLike | None = None
+    path: str | os.PathLike[str], model: AutoencoderKL, *, dtype: DTypeLike | None = None
 ) -> None:
     """Writes `model` as a VAE-only single file with the original LDM names (attention
     projections as `(C, C, 1, 1)` convolutions), like `sd-vae-ft-mse`'s or FLUX's
@@ -322,9 +336,13 @@ def save_single_file(
 
     **Arguments:**
 
-    - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `path`: the `.safetensors` file to write.
+    - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `dtype`: the dtype to store; by default the model's.
+
+    The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
+    versions, `save_single_file(model, path)`, still works for one release with a
+    `DeprecationWarning`.
     """
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")

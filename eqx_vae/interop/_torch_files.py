@@ -11,6 +11,15 @@ from .._errors import CheckpointError
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
+def looks_like_torch_file(head: bytes) -> bool:
+    """Whether a file that starts with `head` is a PyTorch checkpoint: a zip archive
+    (`torch.save` since PyTorch 1.6) or a pickle of protocol 2 to 5 (the legacy
+    format)."""
+    return head.startswith(b"PK\x03\x04") or (
+        len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    )
+
+
 def load_torch_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The tensors of a PyTorch checkpoint, as a name -> tensor mapping.
 

@@ -1,0 +1,65 @@
+"""What the public API promises across its modules."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import small_config
+
+import eqx_vae
+
+
+LOADERS = [
+    eqx_vae.load_builtin,
+    eqx_vae.load_diffusers,
+    eqx_vae.load_single_file,
+    eqx_vae.from_pretrained,
+    eqx_vae.from_diffusers_state_dict,
+]
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=lambda f: f.__name__)
+def test_every_loader_gives_float32_parameters_unless_told_otherwise(loader, tmp_path):
+    assert inspect.signature(loader).parameters["dtype"].default is None
+    # Stored in float16, like the built-in model, so that keeping the stored dtype and
+    # converting to float32 differ.
+    model = eqx_vae.AutoencoderKL(small_config(), dtype=jnp.float16, key=jax.random.key(0))
+    arguments = {
+        eqx_vae.load_builtin: (),
+        eqx_vae.load_diffusers: (tmp_path,),
+        eqx_vae.from_pretrained: (tmp_path,),
+        eqx_vae.load_single_file: (tmp_path / "vae.safetensors",),
+        eqx_vae.from_diffusers_state_dict: (
+            eqx_vae.to_diffusers_state_dict(model),
+            model.config,
+        ),
+    }[loader]
+    extra = {"config": model.config} if loader is eqx_vae.load_single_file else {}
+    eqx_vae.save_diffusers(tmp_path, model)
+    eqx_vae.save_single_file(tmp_path / "vae.safetensors", model)
+    for dtype, expected in [
+        (None, jnp.float32),
+        (jnp.float32, jnp.float32),
+        (jnp.float16, jnp.float16),
+        (jnp.bfloat16, jnp.bfloat16),
+    ]:
+        for call in [{"dtype": dtype}] + ([{}] if dtype is None else []):
+            loaded = loader(*arguments, **extra, **call)
+            dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(loaded)}
+            assert dtypes == {jnp.dtype(expected)}, (call, dtypes)
+
+
+def test_metrics_live_in_their_own_module():
+    import eqx_vae.metrics
+    from eqx_vae.metrics import bicubic_baseline, psnr, ssim
+
+    for name in ("psnr", "ssim", "bicubic_baseline"):
+        assert not hasattr(eqx_vae, name), name
+    x = jnp.zeros((3, 16, 16), jnp.float32)
+    y = x.at[0].set(0.2)  # mean squared error 0.04 / 3
+    np.testing.assert_allclose(psnr(x, y), 10 * np.log10(4 / (0.04 / 3)), rtol=1e-5)
+    np.testing.assert_allclose(ssim(y, y), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(bicubic_baseline(y, 48), y, atol=1e-6)  # constant channels
+    assert eqx_vae.metrics.psnr is psnr
