@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from . import _init as init
-from ._block import Block, split_keys
+from ._block import SameChannelsBlock, split_keys
 from ._conv import linear
 from ._custom_types import DTypeLike, KeyArray, Observed
 from ._norm import group_norm, make_group_norm
@@ -17,7 +17,7 @@ from ._precision import to_compute
 from ._scope import Scope
 
 
-class AttentionBlock(Block):
+class AttentionBlock(SameChannelsBlock):
     """Single-head self-attention over all pixels, as in the autoencoder's mid block.
 
     `x + to_out(softmax(q k^T / sqrt(C)) v)` where `q`, `k`, `v` are linear maps of
@@ -63,14 +63,6 @@ class AttentionBlock(Block):
         self.to_k = init.linear(channels, channels, dtype=dtype, key=kk)
         self.to_v = init.linear(channels, channels, dtype=dtype, key=kv)
         self.to_out = (init.linear(channels, channels, dtype=dtype, key=ko),)
-
-    @property
-    def in_channels(self) -> int:
-        return self.channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.channels
 
     def _compute(
         self, x: Float[Array, "h w {self.channels}"], scope: Scope

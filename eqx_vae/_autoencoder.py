@@ -2,7 +2,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -15,7 +14,8 @@ from ._decoder import Decoder
 from ._distribution import DiagonalGaussian
 from ._encoder import Encoder
 from ._halo import to_chw, to_hwc
-from ._policy import Policy
+from ._latents import scale_latents, unscale_latents
+from ._policy import Policy, resolve
 from ._scope import Scope
 
 
@@ -159,19 +159,7 @@ class AutoencoderKL(eqx.Module):
         model whose config sets `force_upcast` (the published SD and SDXL VAEs, whose
         activations exceed float16's range) computes in float32, as diffusers'
         pipelines do."""
-        policy = Policy() if policy is None else policy
-        if dtype is not None:
-            if policy.dtype is not None and policy.dtype != np.dtype(jnp.dtype(dtype)):
-                raise ValueError(
-                    f"`dtype={np.dtype(jnp.dtype(dtype))}` contradicts the policy's "
-                    f"`dtype={policy.dtype}`; give the compute dtype in one place."
-                )
-            policy = policy.replace(dtype=dtype)
-        if policy.dtype is None:
-            policy = policy.replace(dtype=self.dtype)
-        if policy.dtype == np.float16 and self.config.force_upcast:
-            policy = policy.replace(dtype=np.float32)
-        return policy
+        return resolve(policy, dtype, self.dtype, force_upcast=self.config.force_upcast)
 
     def encode(
         self,
@@ -200,9 +188,9 @@ class AutoencoderKL(eqx.Module):
         `(latent_channels, height / f, width / f)`.
         """
         check_input(x, "encode", "image", self.in_channels, self.spatial_factor)
-        policy = self.resolve_policy(policy, dtype=dtype)
-        moments, _ = run_steps(self._encode_steps(), self._prepare(x, policy), Scope(policy))
-        return posterior(moments)
+        return posterior(
+            self._run(self._encode_steps(), x, self.resolve_policy(policy, dtype=dtype))
+        )
 
     def decode(
         self,
@@ -224,9 +212,7 @@ class AutoencoderKL(eqx.Module):
         `[-1, 1]` (not clipped), in float32 when computed in half precision.
         """
         check_input(z, "decode", "latent", self.latent_channels, 1)
-        policy = self.resolve_policy(policy, dtype=dtype)
-        image, _ = run_steps(self._decode_steps(), self._prepare(z, policy), Scope(policy))
-        return to_chw(image)
+        return to_chw(self._run(self._decode_steps(), z, self.resolve_policy(policy, dtype=dtype)))
 
     def __call__(
         self,
@@ -263,6 +249,12 @@ class AutoencoderKL(eqx.Module):
         )
         return (*steps, block_step("decoder", self.decoder))
 
+    def _run(self, steps: tuple[Step, ...], x: Float[Array, "c h w"], policy: Policy) -> Array:
+        """The steps on a channels-first input under a resolved policy; channels-last
+        result."""
+        out, _ = run_steps(steps, self._prepare(x, policy), Scope(policy))
+        return out
+
     def _prepare(self, x: Float[Array, "c h w"], policy: Policy) -> Float[Array, "h w c"]:
         """A channels-first input as the first step takes it: channels-last, in the
         policy's stream dtype."""
@@ -280,39 +272,16 @@ class AutoencoderKL(eqx.Module):
 
         Elementwise, so leading batch axes are allowed.
         """
-        c = self.config
-        if c.latents_mean is not None and c.latents_std is not None:
-            mean, std = _broadcast_stats(z, c.latents_mean, c.latents_std)
-            return (z - mean) * c.scaling_factor / std
-        if c.shift_factor is not None:
-            return (z - c.shift_factor) * c.scaling_factor
-        return z * c.scaling_factor
+        return scale_latents(self.config, z)
 
     def unscale_latents(
         self, z: Float[Array, "*batch {self.latent_channels} h w"]
     ) -> Float[Array, "*batch {self.latent_channels} h w"]:
         """The inverse of `scale_latents`: call it on a diffusion model's output before
         `decode`."""
-        c = self.config
-        if c.latents_mean is not None and c.latents_std is not None:
-            mean, std = _broadcast_stats(z, c.latents_mean, c.latents_std)
-            return z * std / c.scaling_factor + mean
-        if c.shift_factor is not None:
-            return z / c.scaling_factor + c.shift_factor
-        return z / c.scaling_factor
+        return unscale_latents(self.config, z)
 
 
 def posterior(moments: Float[Array, "h w two_c"]) -> DiagonalGaussian:
     """The posterior of channels-last moments (mean, then log-variance channels)."""
     return DiagonalGaussian.from_moments(to_chw(moments))
-
-
-def _broadcast_stats(
-    z: Array, mean: tuple[float, ...], std: tuple[float, ...]
-) -> tuple[Array, Array]:
-    """Per-channel latent statistics shaped to broadcast against `(*batch, C, H, W)`."""
-    shape = (1,) * (z.ndim - 3) + (len(mean), 1, 1)
-    return (
-        jnp.asarray(np.reshape(mean, shape), z.dtype),
-        jnp.asarray(np.reshape(std, shape), z.dtype),
-    )

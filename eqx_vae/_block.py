@@ -81,6 +81,20 @@ class Block(eqx.Module):
         raise NotImplementedError
 
 
+class SameChannelsBlock(Block):
+    """A block whose output has as many channels as its input, `channels`."""
+
+    channels: eqx.AbstractVar[int]
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels
+
+
 class Step(NamedTuple):
     """One part of a sequential forward pass: the attribute path of the part, the part
     itself (a block or an Equinox layer) and its forward pass."""

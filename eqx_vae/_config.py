@@ -1,7 +1,14 @@
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ._validation import (
+    finite_float,
+    int_tuple,
+    positive_float,
+    positive_int,
+    sample_size,
+)
 
 
 _DOWN_BLOCK = "DownEncoderBlock2D"
@@ -66,15 +73,22 @@ class AutoencoderKLConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self):
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
+        self._check_types()
+        self._check_architecture()
+        self._check_latent_convention()
 
+    def _put(self, name: str, value: Any) -> None:
+        """Normalises a field of the frozen instance (lists to tuples, ints to floats)."""
+        object.__setattr__(self, name, value)
+
+    def _check_types(self) -> None:
+        put = self._put
         for name in ("down_block_types", "up_block_types"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, Sequence):
                 raise ValueError(f"`{name}` must be a sequence of strings, got {value!r}.")
             put(name, tuple(value))
-        put("block_out_channels", _int_tuple("block_out_channels", self.block_out_channels))
+        put("block_out_channels", int_tuple("block_out_channels", self.block_out_channels))
         for name in (
             "in_channels",
             "out_channels",
@@ -82,8 +96,8 @@ class AutoencoderKLConfig:
             "latent_channels",
             "norm_num_groups",
         ):
-            _positive_int(name, getattr(self, name))
-        put("sample_size", _sample_size(self.sample_size))
+            positive_int(name, getattr(self, name))
+        put("sample_size", sample_size(self.sample_size))
         for name in (
             "force_upcast",
             "use_quant_conv",
@@ -93,6 +107,7 @@ class AutoencoderKLConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 
+    def _check_architecture(self) -> None:
         levels = len(self.block_out_channels)
         if levels == 0:
             raise ValueError("`block_out_channels` must name at least one level, got ().")
@@ -119,9 +134,11 @@ class AutoencoderKLConfig:
                     "choose a number of groups that divides every level's width."
                 )
 
-        put("scaling_factor", _positive_float("scaling_factor", self.scaling_factor))
+    def _check_latent_convention(self) -> None:
+        put = self._put
+        put("scaling_factor", positive_float("scaling_factor", self.scaling_factor))
         if self.shift_factor is not None:
-            put("shift_factor", _finite_float("shift_factor", self.shift_factor))
+            put("shift_factor", finite_float("shift_factor", self.shift_factor))
         if (self.latents_mean is None) != (self.latents_std is None):
             raise ValueError(
                 "`latents_mean` and `latents_std` must be given together, got "
@@ -133,8 +150,8 @@ class AutoencoderKLConfig:
                     "`shift_factor` and `latents_mean`/`latents_std` are two different "
                     "latent conventions; set one of them, not both."
                 )
-            mean = tuple(_finite_float("latents_mean", v) for v in self.latents_mean)
-            std = tuple(_positive_float("latents_std", v) for v in self.latents_std)
+            mean = tuple(finite_float("latents_mean", v) for v in self.latents_mean)
+            std = tuple(positive_float("latents_std", v) for v in self.latents_std)
             for name, value in (("latents_mean", mean), ("latents_std", std)):
                 if len(value) != self.latent_channels:
                     raise ValueError(
@@ -211,26 +228,12 @@ class AutoencoderKLConfig:
     @classmethod
     def sd3(cls) -> "AutoencoderKLConfig":
         """Stable Diffusion 3 and 3.5: 16 latent channels, no quant convs."""
-        return cls(
-            **_sd_architecture(16),
-            sample_size=1024,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        return cls(**_sixteen_channels(), scaling_factor=1.5305, shift_factor=0.0609)
 
     @classmethod
     def flux1(cls) -> "AutoencoderKLConfig":
         """FLUX.1 (dev, schnell and derivatives): 16 latent channels, no quant convs."""
-        return cls(
-            **_sd_architecture(16),
-            sample_size=1024,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        return cls(**_sixteen_channels(), scaling_factor=0.3611, shift_factor=0.1159)
 
     @classmethod
     def playground25(cls) -> "AutoencoderKLConfig":
@@ -259,40 +262,14 @@ def _sd_architecture(latent_channels: int) -> dict[str, Any]:
     )
 
 
+def _sixteen_channels() -> dict[str, Any]:
+    """SD3's and FLUX.1's: the SD architecture with a 16-channel latent and no quant
+    convs, trained at 1024 pixels."""
+    return dict(
+        **_sd_architecture(16), sample_size=1024, use_quant_conv=False, use_post_quant_conv=False
+    )
+
+
 def _tuples(value: Any) -> Any:
     """JSON gives lists where the config holds tuples."""
     return tuple(value) if isinstance(value, list) else value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return value
-
-
-def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"`{name}` must be a sequence of positive ints, got {value!r}.")
-    return tuple(_positive_int(name, v) for v in value)
-
-
-def _sample_size(value: Any) -> int | tuple[int, int]:
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        sizes = _int_tuple("sample_size", value)
-        if len(sizes) != 2:
-            raise ValueError(f"`sample_size` must be an int or (height, width), got {value!r}.")
-        return (sizes[0], sizes[1])
-    return _positive_int("sample_size", value)
-
-
-def _finite_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-    return float(value)
-
-
-def _positive_float(name: str, value: Any) -> float:
-    out = _finite_float(name, value)
-    if out <= 0:
-        raise ValueError(f"`{name}` must be positive, got {value!r}.")
-    return out

@@ -1,5 +1,7 @@
 """One level of the encoder or decoder: ResNet blocks, then a change of resolution."""
 
+from typing import Any
+
 import equinox as eqx
 
 from ._block import SequentialBlock, Step, indexed_steps, split_keys
@@ -8,15 +10,19 @@ from ._resnet import ResnetBlock2D
 from ._sampling import Downsample2D, Upsample2D
 
 
-def _resnets(
+def _level(
     in_channels: int,
     out_channels: int,
     num_layers: int,
     norm_num_groups: int,
+    sampler: type[Downsample2D] | type[Upsample2D] | None,
     dtype: DTypeLike | None,
-    keys: list[KeyArray],
-) -> tuple[ResnetBlock2D, ...]:
-    return tuple(
+    key: KeyArray,
+) -> tuple[tuple[ResnetBlock2D, ...], tuple[Any, ...]]:
+    """The ResNet blocks of a level (the first changes the channel count), and its
+    resampler if any, from `num_layers + 1` keys."""
+    keys = split_keys(key, num_layers + 1)
+    resnets = tuple(
         ResnetBlock2D(
             in_channels if i == 0 else out_channels,
             out_channels,
@@ -26,6 +32,8 @@ def _resnets(
         )
         for i in range(num_layers)
     )
+    samplers = () if sampler is None else (sampler(out_channels, dtype, key=keys[-1]),)
+    return resnets, samplers
 
 
 class DownEncoderBlock2D(SequentialBlock):
@@ -63,16 +71,12 @@ class DownEncoderBlock2D(SequentialBlock):
         - `dtype`: parameter dtype (float32 by default).
         - `key`: a JAX PRNG key for the initialisation.
         """
-        keys = split_keys(key, num_layers + 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.resnets = _resnets(
-            in_channels, out_channels, num_layers, norm_num_groups, dtype, keys
+        sampler = Downsample2D if add_downsample else None
+        self.resnets, self.downsamplers = _level(
+            in_channels, out_channels, num_layers, norm_num_groups, sampler, dtype, key
         )
-        if add_downsample:
-            self.downsamplers = (Downsample2D(out_channels, dtype, key=keys[-1]),)
-        else:
-            self.downsamplers = ()
 
     def _steps(self) -> tuple[Step, ...]:
         return (
@@ -116,16 +120,12 @@ class UpDecoderBlock2D(SequentialBlock):
         - `dtype`: parameter dtype (float32 by default).
         - `key`: a JAX PRNG key for the initialisation.
         """
-        keys = split_keys(key, num_layers + 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.resnets = _resnets(
-            in_channels, out_channels, num_layers, norm_num_groups, dtype, keys
+        sampler = Upsample2D if add_upsample else None
+        self.resnets, self.upsamplers = _level(
+            in_channels, out_channels, num_layers, norm_num_groups, sampler, dtype, key
         )
-        if add_upsample:
-            self.upsamplers = (Upsample2D(out_channels, dtype, key=keys[-1]),)
-        else:
-            self.upsamplers = ()
 
     def _steps(self) -> tuple[Step, ...]:
         return (

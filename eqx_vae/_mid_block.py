@@ -1,12 +1,12 @@
 import equinox as eqx
 
 from ._attention import AttentionBlock
-from ._block import SequentialBlock, Step, indexed_steps, split_keys
+from ._block import SameChannelsBlock, SequentialBlock, Step, indexed_steps, split_keys
 from ._custom_types import DTypeLike, KeyArray
 from ._resnet import ResnetBlock2D
 
 
-class MidBlock2D(SequentialBlock):
+class MidBlock2D(SequentialBlock, SameChannelsBlock):
     """The block at the lowest resolution: ResNet block, self-attention, ResNet block.
 
     With `add_attention=False` the attention is left out (`attentions` is empty).
@@ -45,14 +45,6 @@ class MidBlock2D(SequentialBlock):
             self.attentions = (AttentionBlock(channels, norm_num_groups, dtype, key=k3),)
         else:
             self.attentions = ()
-
-    @property
-    def in_channels(self) -> int:
-        return self.channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.channels
 
     def _steps(self) -> tuple[Step, ...]:
         resnets = indexed_steps("resnets", self.resnets)

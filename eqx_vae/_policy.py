@@ -137,3 +137,25 @@ class Policy(eqx.Module):
         """The dtype of the activations between layers for an input of `x_dtype`: the
         input's in full precision, float32 when computing in half precision."""
         return stream_dtype(self.dtype, x_dtype)
+
+
+def resolve(
+    policy: Policy | None, dtype: DTypeLike | None, default: np.dtype, *, force_upcast: bool
+) -> Policy:
+    """`policy` (by default `Policy()`) with its compute dtype settled: `dtype` (which
+    must not contradict `policy.dtype`), else `policy.dtype`, else `default`; a float16
+    request computes in float32 when `force_upcast` is set."""
+    policy = Policy() if policy is None else policy
+    if dtype is not None:
+        requested = np.dtype(jnp.dtype(dtype))
+        if policy.dtype is not None and policy.dtype != requested:
+            raise ValueError(
+                f"`dtype={requested}` contradicts the policy's `dtype={policy.dtype}`; give "
+                "the compute dtype in one place."
+            )
+        policy = policy.replace(dtype=requested)
+    if policy.dtype is None:
+        policy = policy.replace(dtype=default)
+    if policy.dtype == np.float16 and force_upcast:
+        policy = policy.replace(dtype=np.float32)
+    return policy

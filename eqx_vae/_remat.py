@@ -47,35 +47,42 @@ def checkpoint(
         def forward(params: Any, x: Array) -> tuple[Out, tuple[Any, Array]]:
             return call(params, x), (params, x)
 
-        def backward(residuals: tuple[Any, Array], cotangent: Any) -> tuple[Any, Array]:
-            # The forward pass is recomputed inside the conditional, and what the
-            # gradient needs of it comes out as the pullback's arrays; the gradient's own
-            # convolutions run outside, where the compiler gives them its fast kernels
-            # (inside a branch they fall back to a generic, much slower one).
-            structure = []
-
-            def recompute(residuals: tuple[Any, Array], cotangent: Any) -> tuple[list, Any]:
-                pullback = jax.vjp(call, *residuals)[1]
-                leaves, treedef = jax.tree_util.tree_flatten(pullback)
-                structure.append(treedef)
-                # Ties the branch to the cotangent (zero unless a parameter is NaN), so
-                # that it runs in the backward pass rather than early.
-                first = jax.tree_util.tree_leaves(residuals)[0].ravel()[0]
-                tie = first - first
-                tied = jax.tree_util.tree_map(lambda c: c + tie.astype(c.dtype), cotangent)
-                return leaves, tied
-
-            # A predicate the compiler cannot evaluate (false only for a NaN parameter,
-            # where either branch gives the same result). Taken from the parameters,
-            # which are not batched under `vmap`, so that it stays a conditional.
-            leaf = jax.tree_util.tree_leaves(residuals)[0].ravel()[0]
-            leaves, cotangent = jax.lax.cond(
-                leaf == leaf, recompute, recompute, residuals, cotangent
-            )
-            pullback = jax.tree_util.tree_unflatten(structure[-1], leaves)
-            return pullback(cotangent)
+        backward = _recomputing_backward(call)
 
         remat.defvjp(forward, backward)
         return remat(params, x)
 
     return wrapped
+
+
+def _recomputing_backward(call: Callable[[Any, Array], Any]) -> Callable:
+    """The backward pass of `call(params, x)` that recomputes its forward pass inside a
+    conditional (see `checkpoint`)."""
+
+    def backward(residuals: tuple[Any, Array], cotangent: Any) -> tuple[Any, Array]:
+        # The forward pass is recomputed inside the conditional, and what the gradient
+        # needs of it comes out as the pullback's arrays; the gradient's own convolutions
+        # run outside, where the compiler gives them its fast kernels (inside a branch
+        # they fall back to a generic, much slower one).
+        structure = []
+
+        def recompute(residuals: tuple[Any, Array], cotangent: Any) -> tuple[list, Any]:
+            pullback = jax.vjp(call, *residuals)[1]
+            leaves, treedef = jax.tree_util.tree_flatten(pullback)
+            structure.append(treedef)
+            # Ties the branch to the cotangent (zero unless a parameter is NaN), so that
+            # it runs in the backward pass rather than early.
+            first = jax.tree_util.tree_leaves(residuals)[0].ravel()[0]
+            tie = first - first
+            tied = jax.tree_util.tree_map(lambda c: c + tie.astype(c.dtype), cotangent)
+            return leaves, tied
+
+        # A predicate the compiler cannot evaluate (false only for a NaN parameter, where
+        # either branch gives the same result). Taken from the parameters, which are not
+        # batched under `vmap`, so that it stays a conditional.
+        leaf = jax.tree_util.tree_leaves(residuals)[0].ravel()[0]
+        leaves, cotangent = jax.lax.cond(leaf == leaf, recompute, recompute, residuals, cotangent)
+        pullback = jax.tree_util.tree_unflatten(structure[-1], leaves)
+        return pullback(cotangent)
+
+    return backward

@@ -5,26 +5,19 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from . import _init as init
-from ._block import Block
+from ._block import SameChannelsBlock
 from ._conv import check_conv, conv, convolve
 from ._custom_types import DTypeLike, KeyArray, Observed
 from ._halo import pad_rows
 from ._scope import Scope
 
 
-class _Resampler(Block):
-    """A block of one convolution that keeps the channel count."""
+class _Resampler(SameChannelsBlock):
+    """A block of one 3x3 convolution that keeps the channel count and changes the
+    resolution."""
 
     conv: eqx.AbstractVar[eqx.nn.Conv2d]
     channels: eqx.AbstractVar[int]
-
-    @property
-    def in_channels(self) -> int:
-        return self.channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.channels
 
 
 class Downsample2D(_Resampler):

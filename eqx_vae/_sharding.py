@@ -11,13 +11,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float
 
 from ._autoencoder import AutoencoderKL, posterior
-from ._block import run_steps
+from ._block import Step
 from ._checks import check_input
 from ._custom_types import DTypeLike
 from ._distribution import DiagonalGaussian
 from ._halo import to_chw
 from ._policy import Policy
-from ._scope import Scope
 
 
 def sharded_decode(
@@ -63,14 +62,7 @@ def sharded_decode(
     check_input(z, "sharded_decode", "latent", model.latent_channels, 1)
     _check_rows(z.shape[1], mesh, axis_name, 1, "latent")
     policy = model.resolve_policy(policy, dtype=dtype).replace(axis_name=axis_name)
-    params, static = eqx.partition(model, eqx.is_array)
-
-    def local(params: AutoencoderKL, z_local: Array) -> Array:
-        m = eqx.combine(params, static)
-        image, _ = run_steps(m._decode_steps(), m._prepare(z_local, policy), Scope(policy))
-        return to_chw(image)
-
-    return _run(local, mesh, axis_name, params, z)
+    return _run(model, AutoencoderKL._decode_steps, to_chw, mesh, policy, z)
 
 
 def sharded_encode(
@@ -93,20 +85,26 @@ def sharded_encode(
     check_input(x, "sharded_encode", "image", model.in_channels, model.spatial_factor)
     _check_rows(x.shape[1], mesh, axis_name, model.spatial_factor, "image")
     policy = model.resolve_policy(policy, dtype=dtype).replace(axis_name=axis_name)
+    return _run(model, AutoencoderKL._encode_steps, posterior, mesh, policy, x)
+
+
+def _run(
+    model: AutoencoderKL,
+    steps: Callable[[AutoencoderKL], tuple[Step, ...]],
+    finish: Callable[[Array], Any],
+    mesh: Mesh,
+    policy: Policy,
+    array: Array,
+) -> Any:
+    """`finish` of the model's `steps` on each device's rows under `shard_map`, with the
+    parameters replicated and the array's height split over `policy.axis_name`."""
     params, static = eqx.partition(model, eqx.is_array)
 
-    def local(params: AutoencoderKL, x_local: Array) -> DiagonalGaussian:
+    def local(params: AutoencoderKL, rows: Array) -> Any:
         m = eqx.combine(params, static)
-        moments, _ = run_steps(m._encode_steps(), m._prepare(x_local, policy), Scope(policy))
-        return posterior(moments)
+        return finish(m._run(steps(m), rows, policy))
 
-    return _run(local, mesh, axis_name, params, x)
-
-
-def _run(local: Callable, mesh: Mesh, axis_name: str, params: Any, array: Array) -> Any:
-    """`local(params, rows)` under `shard_map`, with the parameters replicated and the
-    array's height split over `axis_name`."""
-    rows = P(None, axis_name, None)
+    rows = P(None, policy.axis_name, None)
     # device_put places (or, under jit, constrains) the inputs as shard_map expects
     # them, whether the mesh's axes are explicit or automatic.
     params = jax.device_put(params, NamedSharding(mesh, P()))

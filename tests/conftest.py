@@ -29,3 +29,11 @@ def without_typechecks():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+def pytest_collection_modifyitems(items):
+    """The live comparisons with diffusers' PyTorch implementation import torch (many
+    seconds) and run it: they belong to the slow tests."""
+    for item in items:
+        if item.get_closest_marker("torch") is not None:
+            item.add_marker(pytest.mark.slow)

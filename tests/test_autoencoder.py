@@ -61,6 +61,7 @@ def test_presets_build_abstractly_with_expected_size():
     assert counts["sd3"] == counts["flux1"]
 
 
+@pytest.mark.slow
 def test_reconstruction_shapes_for_non_square_inputs(getkey):
     model = eqx_vae.AutoencoderKL(
         small_config(in_channels=4, out_channels=2, latent_channels=16), key=getkey()
@@ -87,6 +88,7 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_same_key_same_parameters_eagerly_jitted_and_abstractly():
     import equinox as eqx
 

@@ -39,6 +39,7 @@ def _same(a, b, rtol=0.0):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(np.abs(y).max()))
 
 
+@pytest.mark.slow
 def test_convert_round_trip_through_every_kind(model, tmp_path):
     eqx_vae.save(tmp_path / "a.eqx", model)
     out = run("convert", tmp_path / "a.eqx", tmp_path / "folder").stdout
@@ -52,6 +53,7 @@ def test_convert_round_trip_through_every_kind(model, tmp_path):
     _same(model, eqx_vae.load_diffusers(tmp_path / "folder"))
 
 
+@pytest.mark.slow
 def test_convert_dtype_and_variant(model, tmp_path):
     eqx_vae.save(tmp_path / "a.eqx", model)
     run(
@@ -72,6 +74,7 @@ def test_convert_dtype_and_variant(model, tmp_path):
     assert eqx_vae.load(tmp_path / "b.eqx").encoder.conv_in.weight.dtype == "bfloat16"
 
 
+@pytest.mark.slow
 def test_convert_errors(tmp_path):
     result = run("convert", tmp_path / "missing.eqx", tmp_path / "out", check=False)
     assert result.returncode == 1
@@ -188,6 +191,7 @@ def test_grayscale_images_become_three_equal_channels(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), expected)
 
 
+@pytest.mark.slow
 def test_reconstruct_with_the_built_in_model_on_the_sample_photograph(tmp_path):
     """The README's main command: no arguments but the output."""
     out = run("reconstruct", "--compare", cwd=tmp_path).stdout
@@ -203,6 +207,7 @@ def test_reconstruct_with_the_built_in_model_on_the_sample_photograph(tmp_path):
     assert side_by_side.shape == (3, 300, 2 * 451)
 
 
+@pytest.mark.slow
 def test_reconstruct_matches_the_library(model, tmp_path):
     eqx_vae.save(tmp_path / "m.eqx", model)
     image = _photo(tmp_path / "in.png", 35, 41)  # not multiples of the spatial factor, 2
@@ -223,6 +228,7 @@ def test_reconstruct_matches_the_library(model, tmp_path):
     assert np.max(np.abs(_read(tmp_path / "tiled.png") - got)) <= 1.5 / 127.5
 
 
+@pytest.mark.slow
 def test_reconstruct_a_folder(model, tmp_path):
     eqx_vae.save(tmp_path / "m.eqx", model)
     (tmp_path / "in").mkdir()
@@ -234,6 +240,7 @@ def test_reconstruct_a_folder(model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
 
 
+@pytest.mark.slow
 def test_a_folder_goes_on_past_unreadable_files_and_lists_them(model, tmp_path):
     eqx_vae.save(tmp_path / "m.eqx", model)
     m = ("--model", tmp_path / "m.eqx")
@@ -261,6 +268,7 @@ def test_a_folder_goes_on_past_unreadable_files_and_lists_them(model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["0.png", "2.png", "4.png"]
 
 
+@pytest.mark.slow
 def test_encode_then_decode(model, tmp_path):
     from eqx_vae.interop._safetensors import SafetensorsFile
 
@@ -298,6 +306,7 @@ def test_encode_then_decode(model, tmp_path):
     assert result.returncode == 1 and "no tensor named 'latents'" in result.stderr
 
 
+@pytest.mark.slow
 def test_info(model, tmp_path):
     eqx_vae.save(tmp_path / "m.eqx", model)
     out = run("info", "--model", tmp_path / "m.eqx").stdout
@@ -313,6 +322,7 @@ def test_info(model, tmp_path):
     assert config["block_out_channels"] == [32, 32]
 
 
+@pytest.mark.slow
 def test_builtin_names_the_built_in_model_wherever_a_model_is_accepted(tmp_path, capsys):
     import argparse
 
@@ -422,6 +432,7 @@ def test_the_tile_rule_is_the_tiling_functions_rule():
         assert accepted == (not problems.problems), tile
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_clearly(model, tmp_path):
     eqx_vae.save(tmp_path / "m.eqx", model)
     m = ("--model", tmp_path / "m.eqx")
@@ -444,6 +455,7 @@ def test_bad_inputs_fail_clearly(model, tmp_path):
     assert result.returncode == 1 and "cannot write an image" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_command(tmp_path):
     (tmp_path / "data").mkdir()
     for i in range(3):

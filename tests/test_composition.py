@@ -66,6 +66,7 @@ def _frozen(model):
     )
 
 
+@pytest.mark.slow
 def test_a_denoiser_of_ones_own(vae, tmp_path):
     model = Denoiser(vae, 16, key=jax.random.key(1))
     images = jax.random.uniform(jax.random.key(2), (4, 3, 16, 16), minval=-1, maxval=1)

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import small_config
 from hypothesis import given, settings, strategies as st
 
@@ -34,6 +35,7 @@ def test_mode_is_mean(getkey):
     assert d.mode() is d.mean
 
 
+@pytest.mark.slow
 def test_sample_statistics(getkey):
     d = _random_gaussian(getkey(), (2, 3, 3))
     keys = jax.random.split(getkey(), 20000)
@@ -82,6 +84,7 @@ def test_kl_is_nonnegative_and_zero_only_at_standard_normal(mean, logvar):
         assert kl > 0
 
 
+@pytest.mark.slow
 def test_batched_reductions_keep_batch_axes(getkey):
     d = _random_gaussian(getkey(), (3, 2, 4, 4))
     assert d.kl().shape == (3,)
@@ -91,6 +94,7 @@ def test_batched_reductions_keep_batch_axes(getkey):
     assert d.nll(d.mean).shape == (3,)
 
 
+@pytest.mark.slow
 def test_posterior_crosses_jit_and_vmap(getkey):
     model = eqx_vae.AutoencoderKL(small_config(), key=getkey())
     images = jax.random.uniform(getkey(), (3, 3, 8, 8), minval=-1, maxval=1)

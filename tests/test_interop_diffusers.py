@@ -40,6 +40,7 @@ def torch_model():
     return diffusers_model(CASE.config, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_loads_save_pretrained_float32(torch_model, tmp_path):
     torch_model.save_pretrained(tmp_path)
@@ -90,6 +91,7 @@ def test_loads_pickled_bin(torch_model, tmp_path):
     _assert_same_outputs(eqx_vae.load_diffusers(tmp_path), torch_model)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("variant", [None, "fp16"])
 def test_save_diffusers_loads_in_diffusers(torch_model, tmp_path, variant):
@@ -208,6 +210,7 @@ def test_non_finite_weights_refused_on_request(tmp_path):
         eqx_vae.load_diffusers(tmp_path, check_finite=True)
 
 
+@pytest.mark.torch
 def test_broken_shard_index(tmp_path):
     require_torch()
     model = diffusers_model(CASE.config, seed=1)

@@ -122,6 +122,7 @@ def test_resnet_shortcut_only_when_channels_change(getkey):
     np.testing.assert_array_equal(zero(x), x)
 
 
+@pytest.mark.slow
 def test_resnet_matches_hand_computation(getkey):
     block = _randomise(eqx_vae.ResnetBlock2D(8, 16, 4, key=getkey()), getkey())
     x = jax.random.normal(getkey(), (8, 5, 6))
@@ -170,6 +171,7 @@ def test_mid_block_attention_flag(getkey):
     assert not np.allclose(with_attn(x), stripped(x))
 
 
+@pytest.mark.slow
 def test_encoder_decoder_structure(getkey):
     enc = eqx_vae.Encoder(3, 4, (16, 32, 64), 2, 8, key=getkey())
     assert [len(b.resnets) for b in enc.down_blocks] == [2, 2, 2]
@@ -216,6 +218,7 @@ def test_quant_conv_flags(flag, getkey):
         )
 
 
+@pytest.mark.slow
 def test_dtype_argument_sets_parameter_dtype(getkey):
     from helpers import small_config
 
@@ -253,6 +256,7 @@ def test_initialisation_matches_pytorch_defaults(getkey):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [16, 21, 130])
 def test_winograd_convolution_equals_direct(getkey, width):
     from eqx_vae._winograd import winograd_conv3x3
@@ -290,6 +294,7 @@ def test_winograd_is_used_for_wide_convolutions(getkey):
     assert not winograd(weight, (130, 128, 512), policy=eqx_vae.Policy(conv="direct"))
 
 
+@pytest.mark.slow
 def test_few_channel_convolution_and_its_gradients_equal_direct(getkey):
     from eqx_vae._taps import taps_conv3x3
 

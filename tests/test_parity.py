@@ -34,19 +34,37 @@ def test_fixtures_cover_every_case():
     assert {p.stem.removeprefix("parity_") for p in FIXTURE_PATHS} == {c.name for c in CASES}
 
 
-@pytest.mark.parametrize("path", FIXTURE_PATHS, ids=lambda p: p.stem)
+# The one-level case runs in the fast subset; the others with the slow tests.
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=() if "one_level" in p.stem else pytest.mark.slow)
+        for p in FIXTURE_PATHS
+    ],
+    ids=lambda p: p.stem,
+)
 def test_parity_with_fixture(path):
     config, state_dict, ref = load_fixture(path)
     model = eqx_vae.from_diffusers_state_dict(state_dict, config)
     _check_against(model, ref)
 
 
-@pytest.mark.parametrize("algorithm", ["winograd", "taps", "direct"])
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FIXTURE_PATHS, ids=lambda p: p.stem)
-def test_parity_with_fixture_using_each_convolution(path, algorithm):
-    """Each convolution algorithm forced on every 3x3 convolution it applies to, not
-    only where the CPU heuristics choose it."""
+def test_parity_with_fixture_using_winograd(path):
+    """The Winograd convolution on every 3x3 convolution, not only on wide ones."""
     config, state_dict, ref = load_fixture(path)
+    policy = eqx_vae.Policy(conv="winograd")
+    _check_against(eqx_vae.from_diffusers_state_dict(state_dict, config), ref, policy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["taps", "direct"])
+@pytest.mark.parametrize("name", ["one_level_lpb1", "sd_shaped", "flux_shaped_no_attention"])
+def test_parity_with_fixture_using_each_other_convolution(name, algorithm):
+    """The few-channel tap convolution on every 3x3 convolution, and the direct one
+    everywhere (what runs on GPU and TPU)."""
+    config, state_dict, ref = load_fixture(FIXTURES / f"parity_{name}.npz")
     policy = eqx_vae.Policy(conv=algorithm)
     _check_against(eqx_vae.from_diffusers_state_dict(state_dict, config), ref, policy)
 

@@ -44,6 +44,7 @@ def test_dtype_and_policy_are_given_once(model):
     model.decode(z, dtype=jnp.bfloat16, policy=eqx_vae.Policy(dtype=jnp.bfloat16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_blocks_run_the_models_policy(model, dtype):
     """The encoder and decoder, called as blocks under a policy, compute exactly what the
@@ -63,6 +64,7 @@ def test_blocks_run_the_models_policy(model, dtype):
     assert_close(block(model.decoder, z, policy), model.decode(z), rtol=3e-2)
 
 
+@pytest.mark.slow
 def test_every_block_takes_a_policy_and_no_second_call(getkey):
     x = jax.random.normal(getkey(), (16, 8, 6))
     blocks = [

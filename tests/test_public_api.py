@@ -20,6 +20,7 @@ LOADERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", LOADERS, ids=lambda f: f.__name__)
 def test_every_loader_gives_float32_parameters_unless_told_otherwise(loader, tmp_path):
     assert inspect.signature(loader).parameters["dtype"].default is None

@@ -48,6 +48,7 @@ def test_round_trip(tmp_path):
     )
 
 
+@pytest.mark.torch
 def test_agrees_with_the_reference_implementation(tmp_path):
     require_torch()  # the parity extra brings the safetensors package
     import safetensors.numpy

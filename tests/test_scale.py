@@ -36,6 +36,7 @@ def test_attention_in_query_blocks_equals_whole(model):
 # Sharding: one image, its height split over 4 or 8 of the conftest's CPU devices.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [4, 8])
 def test_sharded_decode_equals_single_device(model, devices):
     mesh = jax.make_mesh((devices,), ("rows",), devices=jax.devices()[:devices])
@@ -47,6 +48,7 @@ def test_sharded_decode_equals_single_device(model, devices):
     assert_close(out, model.decode(z), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [4, 8])
 def test_sharded_encode_equals_single_device(model, devices):
     mesh = jax.make_mesh((devices,), ("rows",), devices=jax.devices()[:devices])
@@ -72,6 +74,7 @@ def test_sharded_requires_divisible_height(model, without_typechecks):
 # Tiles.
 
 
+@pytest.mark.slow
 def test_single_tile_is_exact(model):
     z = jax.random.normal(jax.random.key(1), (4, 12, 10))
     out = eqx.filter_jit(eqx_vae.tiled_decode)(model, z, tile_size=64)
@@ -89,6 +92,7 @@ def _latent(heterogeneous: bool):
     return z
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heterogeneous", [False, True])
 def test_tiled_decode_equals_whole(model, heterogeneous):
     z = _latent(heterogeneous)
@@ -102,6 +106,7 @@ def test_tiled_decode_equals_whole(model, heterogeneous):
     assert psnr(per_tile, reference) < (25 if heterogeneous else 45)
 
 
+@pytest.mark.slow
 def test_tiled_encode_equals_whole(model):
     x = jax.random.uniform(jax.random.key(4), (3, 176, 240), minval=-1, maxval=1)
     expected = eqx.filter_jit(model.encode)(x)
@@ -111,6 +116,7 @@ def test_tiled_encode_equals_whole(model):
     assert_close(posterior.logvar, expected.logvar, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiling_under_checkpointing_and_its_gradients(model):
     """The statistics reach every tile's GroupNorms as plain inputs, so that the
     recomputation in the backward pass sees them too: the tiled decode under
@@ -137,6 +143,7 @@ def test_tiling_under_checkpointing_and_its_gradients(model):
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_tiling_without_quant_convs_or_attention():
     config = small_config(
         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False
@@ -162,6 +169,7 @@ def test_tiling_argument_errors(model, without_typechecks):
 # Precision.
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_against_float32(model):
     z = jax.random.normal(jax.random.key(1), (4, 16, 16))
     full = model.decode(z)
@@ -179,6 +187,7 @@ def _overflowing_model(force_upcast: bool) -> eqx_vae.AutoencoderKL:
     )
 
 
+@pytest.mark.slow
 def test_float16_with_overflowing_activations_stays_finite():
     model = _overflowing_model(force_upcast=False)
     z = jax.random.normal(jax.random.key(1), (4, 8, 8))
@@ -210,17 +219,22 @@ def test_compute_dtype_must_be_floating(model):
 # Batches.
 
 
+@pytest.mark.slow
 def test_batches_in_chunks_equal_vmap(model):
     latents = jax.random.normal(jax.random.key(5), (6, 4, 8, 8))
     chunked = jax.lax.map(model.decode, latents, batch_size=4)
     assert_close(chunked, jax.vmap(model.decode)(latents), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiler_options():
     options = eqx_vae.compiler_options()
     assert isinstance(options, dict)
     if jax.default_backend() == "cpu":
-        assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+        # jaxlib 0.8.1 and later know the option; earlier ones get none.
+        assert options in ({"xla_cpu_experimental_ynn_fusion_type": ""}, {})
+        known = tuple(int(p) for p in jax.__version__.split(".")[:3]) >= (0, 8, 1)
+        assert bool(options) == known
     model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
     z = jnp.zeros((4, 4, 4))
     fast = eqx.filter_jit(model.decode, compiler_options=options)  # pyright: ignore[reportCallIssue]

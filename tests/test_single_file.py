@@ -31,6 +31,7 @@ def _same_model(a, b):
     assert_close(b(x), a(x), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_written_file_loads_in_diffusers(tmp_path):
     torch, diffusers = require_torch()
@@ -148,6 +149,7 @@ def _full_size_file(tmp_path, preset: str, prefix: str = "", extra=()) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_flux_and_sd3_files_need_a_preset(tmp_path):
     flux = _full_size_file(tmp_path, "flux1")
     with pytest.raises(CheckpointError, match=r"16 latent channels.*\['sd3', 'flux1'\]"):

@@ -127,6 +127,7 @@ def test_loading_builds_no_random_initialisation(model, monkeypatch):
     assert len(concrete_draws) > 0  # the spy does see a real initialisation
 
 
+@pytest.mark.torch
 def test_accepts_torch_tensors(model):
     torch, _ = require_torch()
     sd = {

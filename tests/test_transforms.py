@@ -28,6 +28,7 @@ def _close(a, b, rtol=1e-5):
     assert float(np.max(np.abs(a - b))) <= rtol * scale
 
 
+@pytest.mark.slow
 def test_jit_equals_eager(model, images):
     x = images[0]
     _close(eqx.filter_jit(model.encode)(x).mean, model.encode(x).mean)
@@ -35,6 +36,7 @@ def test_jit_equals_eager(model, images):
     _close(eqx.filter_jit(model.decode)(z), model.decode(z))
 
 
+@pytest.mark.slow
 def test_vmap_equals_loop(model, images):
     batched = jax.vmap(model)(images)
     for i in (0, 5):
@@ -50,6 +52,7 @@ def test_sampling_key_changes_reconstruction(model, images, getkey):
     )
 
 
+@pytest.mark.slow
 def test_filter_grad_matches_finite_differences(getkey):
     model = eqx_vae.AutoencoderKL(
         small_config(block_out_channels=(8,), norm_num_groups=4), key=getkey()
@@ -72,7 +75,7 @@ def test_filter_grad_matches_finite_differences(getkey):
             jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction), strict=True
         )
     )
-    with jax.enable_x64(True):
+    with _enable_x64():
         m64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model)
         d64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), direction)
         x64 = x.astype(jnp.float64)
@@ -108,3 +111,13 @@ def test_batch_sharded_jit_equals_single_device(model, images, num_devices):
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("batch")), out.ndim)
     assert len(out.sharding.device_set) == num_devices
     _close(out, jax.vmap(model)(images))
+
+
+def _enable_x64():
+    """`jax.enable_x64(True)` (jax 0.8 and later), or the experimental context manager
+    of the older releases the package supports."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # pyright: ignore[reportAttributeAccessIssue]
+
+    return enable_x64()

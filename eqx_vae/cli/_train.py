@@ -29,6 +29,14 @@ def add_parser(commands: Any) -> None:
             "sample grids, and at the end model.eqx (the EMA weights when kept) to --out."
         ),
     )
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_recipe_arguments(parser, defaults)
+    _add_run_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=pathlib.Path, required=True, metavar="DIR")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/train"))
     start = parser.add_mutually_exclusive_group()
@@ -45,6 +53,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--preset", choices=list(PRESETS), help="the family of a single-file --model"
     )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=64)
@@ -62,6 +73,9 @@ def add_parser(commands: Any) -> None:
         help="shuffle each crop's RGB channels (colour augmentation)",
     )
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument(
@@ -82,6 +96,9 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--decoder-only", action="store_true")
     parser.add_argument("--ema", type=float, metavar="DECAY", help="keep EMA weights")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument(
         "--checkpointing", action="store_true", help="recompute activations (less memory)"
@@ -92,7 +109,6 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], help="compute dtype")
     parser.add_argument("--sample-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.set_defaults(run=run)
 
 
 def _train_config_defaults() -> Any:
@@ -170,21 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import train
 
     check_arguments(args)
-    config = train.TrainConfig(
-        reconstruction=args.reconstruction,
-        perceptual_weight=args.perceptual_weight,
-        kl_weight=args.kl_weight,
-        disc_weight=args.disc_weight,
-        disc_start=args.disc_start,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        decay_steps=args.steps if args.cosine else None,
-        decoder_only=args.decoder_only,
-        ema_decay=args.ema,
-        accumulate=args.accumulate,
-        checkpoint=args.checkpointing,
-        compute_dtype=args.dtype,
-    )
+    config = _train_config(args)
     lpips = None
     if args.perceptual_weight > 0:  # with --vgg16, as checked
         lpips = train.LPIPS.from_files(args.vgg16)
@@ -197,17 +199,7 @@ def run(args: argparse.Namespace) -> int:
         permute_channels=args.permute_channels,
     )
     key = jax.random.key(args.seed)
-    if args.model is not None:
-        vae = load_model(argparse.Namespace(model=args.model, preset=args.preset))
-        vae = jax.tree_util.tree_map(lambda x: x.astype(np.float32), vae)
-    else:
-        vae = AutoencoderKL(_new_config(args.new), key=jax.random.fold_in(key, 0))
-    factor = vae.spatial_factor
-    if args.crop_size % factor:
-        raise ValueError(
-            f"--crop-size {args.crop_size}: must be a multiple of the spatial factor {factor} "
-            f"of --model {args.model}."
-        )
+    vae = _starting_model(args, jax.random.fold_in(key, 0))
     print(f"training {describe(vae)} on {len(data.files)} images from {args.data}")
     print("config:", {k: v for k, v in dataclasses.asdict(config).items()})
     optimizers = train.make_optimizers(config)
@@ -234,3 +226,38 @@ def run(args: argparse.Namespace) -> int:
     save(args.out / "model.eqx", model)
     print(f"wrote {args.out / 'model.eqx'} after step {int(state.step)}")
     return 0
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .. import train
+
+    return train.TrainConfig(
+        reconstruction=args.reconstruction,
+        perceptual_weight=args.perceptual_weight,
+        kl_weight=args.kl_weight,
+        disc_weight=args.disc_weight,
+        disc_start=args.disc_start,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        decay_steps=args.steps if args.cosine else None,
+        decoder_only=args.decoder_only,
+        ema_decay=args.ema,
+        accumulate=args.accumulate,
+        checkpoint=args.checkpointing,
+        compute_dtype=args.dtype,
+    )
+
+
+def _starting_model(args: argparse.Namespace, key: Any) -> AutoencoderKL:
+    """The model `--model` names (in float32), or a new one of `--new`'s architecture."""
+    if args.model is None:
+        return AutoencoderKL(_new_config(args.new), key=key)
+    vae = load_model(argparse.Namespace(model=args.model, preset=args.preset))
+    vae = jax.tree_util.tree_map(lambda x: x.astype(np.float32), vae)
+    factor = vae.spatial_factor
+    if args.crop_size % factor:
+        raise ValueError(
+            f"--crop-size {args.crop_size}: must be a multiple of the spatial factor {factor} "
+            f"of --model {args.model}."
+        )
+    return vae

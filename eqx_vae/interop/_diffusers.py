@@ -15,7 +15,7 @@ from .._autoencoder import AutoencoderKL
 from .._config import AutoencoderKLConfig
 from .._custom_types import DTypeLike
 from .._errors import CheckpointError
-from .._serialisation import atomic_write
+from .._files import atomic_write
 from .._state_dict import from_diffusers_state_dict, to_diffusers_state_dict
 from ._path_first import path_first
 from ._safetensors import SafetensorsFile, TensorRef, write_safetensors

@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from .._errors import CheckpointError
+from .._files import atomic_write
 from .._host_arrays import aligned_empty
-from .._serialisation import atomic_write
 
 
 _DTYPES: dict[str, np.dtype] = {

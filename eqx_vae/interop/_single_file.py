@@ -2,7 +2,6 @@
 with a `first_stage_model.` prefix, or VAE-only files such as `sd-vae-ft-mse`), FLUX's
 `ae.safetensors` and SD3 files with a `vae.` prefix, all with the LDM parameter names."""
 
-import dataclasses
 import os
 import pathlib
 import re
@@ -17,11 +16,10 @@ from .._config import PRESETS, AutoencoderKLConfig
 from .._custom_types import DTypeLike
 from .._errors import CheckpointError
 from .._state_dict import (
-    abstract_model,
     from_diffusers_state_dict,
-    named_parameters,
     to_diffusers_state_dict,
 )
+from ._ldm_names import ATTENTION_CONV, ldm_names, squeeze_attention, to_ldm_name
 from ._path_first import path_first
 from ._safetensors import SafetensorsFile, looks_like_safetensors, write_safetensors
 from ._torch_files import PICKLE_SUFFIXES, load_torch_file, looks_like_torch_file
@@ -128,7 +126,7 @@ def _load(
     elif not isinstance(config, AutoencoderKLConfig):
         config = AutoencoderKLConfig.from_dict(config)
     names = ldm_names(config)
-    state_dict = {names.get(name, name): _squeeze_attention(name, t) for name, t in ldm.items()}
+    state_dict = {names.get(name, name): squeeze_attention(name, t) for name, t in ldm.items()}
     try:
         return from_diffusers_state_dict(
             state_dict, config, dtype=dtype, check_finite=check_finite
@@ -253,79 +251,6 @@ def _count_levels(path: pathlib.Path | str, ldm: Mapping[str, Any]) -> int:
     return len(levels)
 
 
-# Diffusers -> LDM name substitutions, applied in order.
-_TO_LDM = (
-    (r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1."),
-    (r"\.resnets\.(\d+)\.(?=norm|conv)", r".block.\1."),
-    (r"\.downsamplers\.0\.", ".downsample."),
-    (r"\.upsamplers\.0\.", ".upsample."),
-    (r"\.mid_block\.block\.0\.", ".mid.block_1."),
-    (r"\.mid_block\.block\.1\.", ".mid.block_2."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
-    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-    (r"\.conv_norm_out\.", ".norm_out."),
-)
-
-
-def to_ldm_name(name: str, levels: int) -> str:
-    """The LDM name of a diffusers parameter name. The decoder's levels are numbered
-    from the latent side in diffusers and from the image side in LDM."""
-    name = re.sub(
-        r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", name
-    )
-    for pattern, replacement in _TO_LDM:
-        name = re.sub(pattern, replacement, name)
-    return name
-
-
-def ldm_names(config: AutoencoderKLConfig) -> dict[str, str]:
-    """LDM name -> diffusers name, for every parameter of a model with `config`."""
-    levels = len(config.block_out_channels)
-    return {
-        to_ldm_name(name, levels): name for name, _ in named_parameters(abstract_model(config))
-    }
-
-
-_ATTENTION_CONV = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Squeezed:
-    """A `(C, C, 1, 1)` convolution weight read as the `(C, C)` linear weight it is."""
-
-    tensor: Any
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.tensor.shape[:2])
-
-    @property
-    def dtype(self) -> Any:
-        return self.tensor.dtype
-
-    def read(self) -> np.ndarray:
-        read = getattr(self.tensor, "read", None)
-        array: np.ndarray
-        if callable(read):
-            array = np.asarray(read())
-        elif hasattr(self.tensor, "detach"):  # a torch tensor; NumPy has no bfloat16
-            array = np.array(self.tensor.detach().cpu().float().numpy())
-        else:
-            array = np.array(self.tensor)
-        return array.reshape(self.shape)
-
-
-def _squeeze_attention(name: str, tensor: Any) -> Any:
-    """The LDM attention projections are 1x1 convolutions; diffusers' are linear maps.
-    Only exactly `(C, C, 1, 1)` is squeezed; any other shape is left to be reported."""
-    shape = tuple(getattr(tensor, "shape", ()))
-    if _ATTENTION_CONV.fullmatch(name) and len(shape) == 4 and shape[2:] == (1, 1):
-        return _Squeezed(tensor)
-    return tensor
-
-
 @path_first
 def save_single_file(
     path: str | os.PathLike[str], model: AutoencoderKL, *, dtype: DTypeLike | None = None
@@ -350,7 +275,7 @@ def save_single_file(
     tensors = {}
     for name, value in to_diffusers_state_dict(model).items():
         ldm = to_ldm_name(name, levels)
-        if _ATTENTION_CONV.fullmatch(ldm):
+        if ATTENTION_CONV.fullmatch(ldm):
             value = value.reshape(*value.shape, 1, 1)
         if dtype is not None:
             value = value.astype(np.dtype(jnp.dtype(dtype)))

@@ -72,50 +72,32 @@ def fit(
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    position = DataPosition()
-    if resume and (out / CHECKPOINT).exists():
-        state, position, _ = load_checkpoint(out / CHECKPOINT, state)
-        _truncate_metrics(out / METRICS, int(state.step))
-    else:
-        # The step donates its input's buffers; the caller's arrays stay usable.
-        state = jax.tree_util.tree_map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, state)
+    state, position = _start(state, out, resume)
     step_fn = make_train_step(config, optimizers, lpips)
     compiled = eqx.filter_jit(step_fn, donate="all", compiler_options=compiler_options())  # pyright: ignore[reportCallIssue]
-    batch_sharding = replicated = None
+    batch_sharding = None
     if mesh is not None:
         batch_sharding = NamedSharding(mesh, P("batch"))
-        replicated = NamedSharding(mesh, P())
-        state = jax.device_put(state, replicated)
+        state = jax.device_put(state, NamedSharding(mesh, P()))
 
     start = int(state.step)
     bar = Progress(steps - start, "training") if progress else None
-    sums: dict[str, float] = {}
-    count = 0
-    begun = time.perf_counter()
+    log = _MeanLog(out / METRICS, log_every)
     stream = data.batches(position)
     try:
         for step in range(start, steps):
-            images, next_position = next(stream)
+            images, position = next(stream)
             batch = (
                 jnp.asarray(images)
                 if batch_sharding is None
                 else jax.device_put(images, batch_sharding)
             )
             state, metrics = compiled(state, batch, jax.random.fold_in(key, step))
-            position = next_position
             values = {k: float(v) for k, v in metrics.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
             done = step + 1
             if bar is not None:
                 bar.update(1, loss=values["loss"], rec=values["rec"], psnr=values["psnr"])
-            if count == log_every or done == steps:
-                record = {"step": done, "seconds": time.perf_counter() - begun}
-                record.update({k: v / count for k, v in sums.items()})
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                sums, count = {}, 0
+            log.add(values, done, last=done == steps)
             if samples is not None and (done % sample_every == 0 or done == steps):
                 _write_samples(out / "samples" / f"step_{done:07d}.png", state, samples)
             if done % checkpoint_every == 0 or done == steps:
@@ -125,6 +107,40 @@ def fit(
     finally:
         stream.close()
     return state
+
+
+def _start(state: TrainState, out: pathlib.Path, resume: bool) -> tuple[TrainState, DataPosition]:
+    """The state and data position to start from: the checkpoint in `out` (dropping the
+    metrics logged after it) when resuming, else a copy of `state` (the step donates
+    its input's buffers; the caller's arrays stay usable)."""
+    if resume and (out / CHECKPOINT).exists():
+        state, position, _ = load_checkpoint(out / CHECKPOINT, state)
+        _truncate_metrics(out / METRICS, int(state.step))
+        return state, position
+    state = jax.tree_util.tree_map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, state)
+    return state, DataPosition()
+
+
+class _MeanLog:
+    """The mean of every metric over each `every` steps (and the last), appended to a
+    JSON-lines file with the step and the seconds since the start."""
+
+    def __init__(self, path: pathlib.Path, every: int):
+        self.path, self.every = path, every
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.begun = time.perf_counter()
+
+    def add(self, values: dict[str, float], step: int, *, last: bool) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        if self.count == self.every or last:
+            record = {"step": step, "seconds": time.perf_counter() - self.begun}
+            record.update({k: v / self.count for k, v in self.sums.items()})
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.sums, self.count = {}, 0
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:

@@ -102,7 +102,6 @@ def make_train_step(
     """
     if config.perceptual_weight > 0 and lpips is None:
         raise ValueError("`perceptual_weight > 0` needs an `lpips` module.")
-    optimizer_vae, optimizer_disc = optimizers
 
     def vae_loss(params, static, disc, images, keys, disc_factor):
         vae, logvar = eqx.combine(params, static)
@@ -135,27 +134,39 @@ def make_train_step(
         grads_vae, grads_disc, metrics = accumulate_gradients(
             gradients, images, keys, config.accumulate
         )
-        params, opt_vae = apply_optimizer(optimizer_vae, grads_vae, state.opt_vae, params)
-        vae, logvar = eqx.combine(params, static)
-        disc, opt_disc = state.disc, state.opt_disc
-        if disc is not None:
-            disc_params = eqx.filter(disc, eqx.is_inexact_array)
-            disc_params, opt_disc = apply_optimizer(
-                optimizer_disc, grads_disc, opt_disc, disc_params
-            )
-            disc = eqx.combine(disc_params, disc)
-        ema = state.ema
-        if ema is not None and config.ema_decay is not None:
-            ema = update_ema(ema, vae, state.step, config.ema_decay, config.ema_warmup)
-        new = TrainState(
-            vae=vae,
-            logvar=logvar,
-            disc=disc,
-            opt_vae=opt_vae,
-            opt_disc=opt_disc,
-            ema=ema,
-            step=state.step + 1,
-        )
+        new = _updated(state, params, static, grads_vae, grads_disc, optimizers, config)
         return new, metrics
 
     return step
+
+
+def _updated(
+    state: TrainState,
+    params: Any,
+    static: Any,
+    grads_vae: Any,
+    grads_disc: Any,
+    optimizers: tuple[Any, Any],
+    config: TrainConfig,
+) -> TrainState:
+    """The state after one optimiser update of each network and of the EMA."""
+    optimizer_vae, optimizer_disc = optimizers
+    params, opt_vae = apply_optimizer(optimizer_vae, grads_vae, state.opt_vae, params)
+    vae, logvar = eqx.combine(params, static)
+    disc, opt_disc = state.disc, state.opt_disc
+    if disc is not None:
+        disc_params = eqx.filter(disc, eqx.is_inexact_array)
+        disc_params, opt_disc = apply_optimizer(optimizer_disc, grads_disc, opt_disc, disc_params)
+        disc = eqx.combine(disc_params, disc)
+    ema = state.ema
+    if ema is not None and config.ema_decay is not None:
+        ema = update_ema(ema, vae, state.step, config.ema_decay, config.ema_warmup)
+    return TrainState(
+        vae=vae,
+        logvar=logvar,
+        disc=disc,
+        opt_vae=opt_vae,
+        opt_disc=opt_disc,
+        ema=ema,
+        step=state.step + 1,
+    )
