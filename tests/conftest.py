@@ -6,6 +6,19 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+
+# Tests build the same programs many times over (a train step per test, the same
+# model's decode in several modules): XLA's persistent compilation cache, private to the
+# session, compiles each once. The command-line tests' subprocesses share it.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="eqx_vae_test_jax_cache_")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+
+import gc  # noqa: E402
 import itertools  # noqa: E402
 
 import jaxtyping  # noqa: E402
@@ -37,3 +50,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("torch") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Each test module compiles programs of its own: drop them after the module, so that
+    the suite's memory stays that of its largest module rather than of all of them."""
+    yield
+    jax.clear_caches()
+    gc.collect()

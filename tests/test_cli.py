@@ -13,7 +13,11 @@ import eqx_vae
 
 
 def run(*args, check=True, cwd=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    }
     result = subprocess.run(
         [sys.executable, "-m", "eqx_vae", *map(str, args)],
         capture_output=True,
