@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from . import _init as init
-from ._block import SameChannelsBlock, split_keys
+from ._block import SameChannelsBlock
 from ._conv import linear
 from ._custom_types import DTypeLike, KeyArray, Observed
 from ._norm import group_norm, make_group_norm
@@ -54,7 +54,7 @@ class AttentionBlock(SameChannelsBlock):
         - `dtype`: parameter dtype (float32 by default).
         - `key`: a JAX PRNG key for the initialisation.
         """
-        kq, kk, kv, ko = split_keys(key, 4)
+        kq, kk, kv, ko = init.split_keys(key, 4)
         self.channels = channels
         self.group_norm = make_group_norm(
             channels, norm_num_groups, dtype=dtype, where=f"AttentionBlock({channels})"

@@ -6,7 +6,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from . import _init as init
-from ._block import Step, block_step, conv_step, run_steps, split_keys
+from ._block import Step, block_step, conv_step, run_steps
 from ._checks import check_input
 from ._config import AutoencoderKLConfig
 from ._custom_types import DTypeLike, KeyArray
@@ -69,7 +69,7 @@ class AutoencoderKL(eqx.Module):
             )
         c = config
         self.config = c
-        k_enc, k_dec, k_quant, k_post = split_keys(key, 4)
+        k_enc, k_dec, k_quant, k_post = init.split_keys(key, 4)
         self.encoder = Encoder(
             c.in_channels,
             c.latent_channels,

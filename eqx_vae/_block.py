@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
-import jax
 from jaxtyping import Array, Float
 
 from ._conv import conv
@@ -147,8 +146,3 @@ def substeps(step: Step) -> tuple[Step, ...]:
 def indexed_steps(place: str, blocks: Sequence[Block]) -> list[Step]:
     """The steps of a tuple field `place` of blocks: `place.0`, `place.1`, ..."""
     return [block_step(f"{place}.{i}", block) for i, block in enumerate(blocks)]
-
-
-def split_keys(key: KeyArray, count: int) -> list[KeyArray]:
-    """`count` independent keys (a list, so that it can be unpacked)."""
-    return list(jax.random.split(key, count))

@@ -9,7 +9,6 @@ from ._block import (
     conv_step,
     indexed_steps,
     norm_silu_step,
-    split_keys,
 )
 from ._custom_types import DTypeLike, KeyArray, Observed
 from ._levels import DownEncoderBlock2D
@@ -61,7 +60,7 @@ class Encoder(SequentialBlock):
         - `key`: a JAX PRNG key for the initialisation.
         """
         levels = len(block_out_channels)
-        k_in, k_mid, k_out, *k_blocks = split_keys(key, levels + 3)
+        k_in, k_mid, k_out, *k_blocks = init.split_keys(key, levels + 3)
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.spatial_factor = 2 ** (levels - 1)

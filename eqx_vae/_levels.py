@@ -4,8 +4,9 @@ from typing import Any
 
 import equinox as eqx
 
-from ._block import SequentialBlock, Step, indexed_steps, split_keys
+from ._block import SequentialBlock, Step, indexed_steps
 from ._custom_types import DTypeLike, KeyArray
+from ._init import split_keys
 from ._resnet import ResnetBlock2D
 from ._sampling import Downsample2D, Upsample2D
 

@@ -1,8 +1,9 @@
 import equinox as eqx
 
 from ._attention import AttentionBlock
-from ._block import SameChannelsBlock, SequentialBlock, Step, indexed_steps, split_keys
+from ._block import SameChannelsBlock, SequentialBlock, Step, indexed_steps
 from ._custom_types import DTypeLike, KeyArray
+from ._init import split_keys
 from ._resnet import ResnetBlock2D
 
 

@@ -108,7 +108,7 @@ class Policy(eqx.Module):
     attention_block_bytes: int = eqx.field(default=64 * 2**20, static=True)
     conv: Literal["auto", "direct", "winograd", "taps"] = eqx.field(default="auto", static=True)
     attention: Literal["auto", "blocked", "xla"] = eqx.field(default="auto", static=True)
-    norm_stats: dict[str, tuple[Float[Array, " groups"], Float[Array, " groups"]]] | None = (
+    norm_stats: dict[str, tuple[Float[Array, " _groups"], Float[Array, " _groups"]]] | None = (
         eqx.field(default=None, converter=_stats)
     )
 

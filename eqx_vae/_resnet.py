@@ -4,7 +4,7 @@ import equinox as eqx
 from jaxtyping import Array, Float
 
 from . import _init as init
-from ._block import Block, split_keys
+from ._block import Block
 from ._conv import conv
 from ._custom_types import DTypeLike, KeyArray, Observed
 from ._norm import group_norm, make_group_norm
@@ -46,7 +46,7 @@ class ResnetBlock2D(Block):
         - `dtype`: parameter dtype (float32 by default).
         - `key`: a JAX PRNG key for the initialisation.
         """
-        key1, key2, key3 = split_keys(key, 3)
+        key1, key2, key3 = init.split_keys(key, 3)
         self.in_channels = in_channels
         self.out_channels = out_channels
         where = f"ResnetBlock2D({in_channels} -> {out_channels})"
