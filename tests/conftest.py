@@ -7,6 +7,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import atexit  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -17,6 +18,7 @@ import tempfile  # noqa: E402
 COMPILATION_CACHE = tempfile.mkdtemp(prefix="eqx_vae_test_jax_cache_")
 atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
 
 import gc  # noqa: E402
 import itertools  # noqa: E402

@@ -13,11 +13,7 @@ import eqx_vae
 
 
 def run(*args, check=True, cwd=None):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-    }
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "eqx_vae", *map(str, args)],
         capture_output=True,
