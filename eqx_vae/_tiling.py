@@ -2,12 +2,13 @@
 result as in one piece.
 
 The model is cut where its modules begin and end: the forward pass is the model's
-steps (`AutoencoderKL._decode_steps()`), and a step that needs the whole image (one
-holding an attention block) but changes the resolution (the decoder, the encoder) is
-replaced by its own steps. What needs the whole image (the mid block) then runs whole;
-it sits at the latent's resolution, where it is small. The other steps are grouped
-into stages that end where the resolution changes, and each stage runs tile by tile
-over its input, which is kept whole: every tile reads its part of the input plus a
+steps (`AutoencoderKL._decode_steps()`), and every step that changes the resolution
+(the decoder, the encoder, their levels) is replaced by its own steps, down to the
+upsamplers and downsamplers. What needs the whole image (the mid block, with its
+attention) then runs whole; it sits at the latent's resolution, where it is small. The
+other steps are grouped into stages cut where the maps are smallest (a stage begins
+with an upsampler and ends with a downsampler), and each stage runs tile by tile over
+its input, which is kept whole: every tile reads its part of the input plus a
 margin wider than the stage's receptive field (counted from the stage's convolutions)
 and contributes only the part it owns to the stage's output, so the convolutions see
 exactly what they would see untiled. GroupNorm needs the statistics of the whole image:
@@ -146,32 +147,38 @@ def run_tiled(
 
 
 def stages(steps: Sequence[Step]) -> list[tuple[bool, list[Step]]]:
-    """The steps, refined where a step needs the whole image but changes the
-    resolution, grouped into `(whole, steps)`: a step that needs the whole image alone,
-    or a stage of local steps that ends where the resolution changes."""
+    """The steps, refined down to the parts that change the resolution, grouped into
+    `(whole, steps)`: a step that needs the whole image alone, or a stage of local steps.
+    Stages are cut where the maps are smallest: a stage begins with an upsampling step
+    and ends with a downsampling one, so that the maps of higher resolution only ever
+    exist tile by tile."""
     out: list[tuple[bool, list[Step]]] = []
     current: list[Step] = []
+
+    def close() -> None:
+        if current:
+            out.append((False, list(current)))
+            current.clear()
+
     for step in _refine(steps):
         if not is_local(step.module):
-            if current:
-                out.append((False, current))
-                current = []
+            close()
             out.append((True, [step]))
             continue
+        scale = scale_of(step.module)
+        if scale > 1:
+            close()
         current.append(step)
-        if scale_of(step.module) != 1:
-            out.append((False, current))
-            current = []
-    if current:
-        out.append((False, current))
+        if scale < 1:
+            close()
+    close()
     return out
 
 
 def _refine(steps: Sequence[Step]) -> list[Step]:
     out = []
     for step in steps:
-        module = step.module
-        if isinstance(module, SequentialBlock) and not is_local(module) and scale_of(module) != 1:
+        if isinstance(step.module, SequentialBlock) and scale_of(step.module) != 1:
             out.extend(_refine(substeps(step)))
         else:
             out.append(step)
