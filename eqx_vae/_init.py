@@ -37,12 +37,18 @@ def _uniform_bits(
     uniform in `[-bound, bound)`. Counter `i` gives values `2i` and `2i + 1` (the two
     words of Threefry-2x32); 24 random bits `u` become `(u * 2**-23 - 1) * bound`, where
     only the last multiplication rounds."""
+    # In `lax` primitives, not `jax.numpy`: traced (as when a skeleton is built under
+    # `eqx.filter_eval_shape` to load weights into), each `jax.numpy` function traces a
+    # program of its own for every new size, which made building a skeleton 3x slower.
+    lax = jax.lax
     pairs = -(-size // 2)
-    counters = offset // 2 + jax.lax.iota(jnp.uint32, pairs)
-    high, low = threefry2x32_p.bind(seed[0], seed[1], jnp.zeros_like(counters), counters)
-    words = jnp.stack([high, low], axis=-1).reshape(2 * pairs)[:size]
-    bits = jax.lax.shift_right_logical(words, jnp.uint32(8))
-    unit = bits.astype(jnp.float32) * jnp.float32(2.0**-23) - jnp.float32(1.0)
+    counters = lax.div(offset, np.uint32(2)) + lax.iota(np.uint32, pairs)
+    zeros = lax.full((pairs,), 0, np.uint32)
+    high, low = threefry2x32_p.bind(seed[0], seed[1], zeros, counters)
+    pair = [lax.broadcast_in_dim(w, (pairs, 1), (0,)) for w in (high, low)]
+    words = lax.slice(lax.reshape(lax.concatenate(pair, 1), (2 * pairs,)), (0,), (size,))
+    bits = lax.shift_right_logical(words, np.uint32(8))
+    unit = lax.convert_element_type(bits, np.float32) * np.float32(2.0**-23) - np.float32(1.0)
     return unit * bound
 
 
