@@ -53,6 +53,9 @@ def _uniform_bits(
 
 
 _uniform_chunk = jax.jit(functools.partial(_uniform_bits, size=_CHUNK))
+# Traced, as its own `jit` so that each size is traced once however many layers have it
+# (a skeleton of an SD-size model: 144 draws of 20 sizes).
+_uniform_traced = jax.jit(_uniform_bits, static_argnames="size")
 
 
 def uniform(key: KeyArray, shape: tuple[int, ...], bound: float, dtype: DTypeLike | None) -> Array:
@@ -62,7 +65,7 @@ def uniform(key: KeyArray, shape: tuple[int, ...], bound: float, dtype: DTypeLik
     seed = jax.random.bits(key, (2,), jnp.uint32)
     bound32 = jnp.float32(bound)
     if isinstance(seed, Tracer):
-        values = _uniform_bits(seed, jnp.uint32(0), bound32, size).reshape(shape)
+        values = _uniform_traced(seed, jnp.uint32(0), bound32, size=size).reshape(shape)
         return values if dtype is None else values.astype(dtype)
     # Eagerly: the chunks straight into one host buffer, which becomes the array
     # without a copy (and without compiling anything shape-specific).

@@ -1,3 +1,4 @@
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -53,9 +54,11 @@ def torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_model(config: AutoencoderKLConfig, dtype: DTypeLike | None = None) -> AutoencoderKL:
     """An `AutoencoderKL` whose leaves are `jax.ShapeDtypeStruct`s: the structure
-    without any arrays or random initialisation."""
+    without any arrays or random initialisation. Cached: it is immutable, and tracing
+    the constructor takes a few tenths of a second for an SD-size model."""
     return eqx.filter_eval_shape(AutoencoderKL, config, dtype, key=jax.random.key(0))
 
 
