@@ -102,15 +102,31 @@ class Policy(eqx.Module):
         ```
     """
 
-    dtype: np.dtype | None = eqx.field(default=None, static=True, converter=_compute_dtype)
-    checkpoint: bool = eqx.field(default=False, static=True)
-    axis_name: str | None = eqx.field(default=None, static=True)
-    attention_block_bytes: int = eqx.field(default=64 * 2**20, static=True)
-    conv: Literal["auto", "direct", "winograd", "taps"] = eqx.field(default="auto", static=True)
-    attention: Literal["auto", "blocked", "xla"] = eqx.field(default="auto", static=True)
-    norm_stats: dict[str, tuple[Float[Array, " _groups"], Float[Array, " _groups"]]] | None = (
-        eqx.field(default=None, converter=_stats)
-    )
+    dtype: np.dtype | None = eqx.field(static=True)
+    checkpoint: bool = eqx.field(static=True)
+    axis_name: str | None = eqx.field(static=True)
+    attention_block_bytes: int = eqx.field(static=True)
+    conv: Literal["auto", "direct", "winograd", "taps"] = eqx.field(static=True)
+    attention: Literal["auto", "blocked", "xla"] = eqx.field(static=True)
+    norm_stats: dict[str, tuple[Float[Array, " _groups"], Float[Array, " _groups"]]] | None
+
+    def __init__(
+        self,
+        dtype: DTypeLike | None = None,
+        checkpoint: bool = False,
+        axis_name: str | None = None,
+        attention_block_bytes: int = 64 * 2**20,
+        conv: Literal["auto", "direct", "winograd", "taps"] = "auto",
+        attention: Literal["auto", "blocked", "xla"] = "auto",
+        norm_stats: Mapping[str, tuple[Any, Any]] | None = None,
+    ):
+        self.dtype = _compute_dtype(dtype)
+        self.checkpoint = checkpoint
+        self.axis_name = axis_name
+        self.attention_block_bytes = attention_block_bytes
+        self.conv = conv
+        self.attention = attention
+        self.norm_stats = _stats(norm_stats)
 
     def __check_init__(self):
         if not isinstance(self.checkpoint, bool):

@@ -2,6 +2,7 @@
 `train.save_checkpoint` and `eqx.tree_serialise_leaves` take them."""
 
 import functools
+import sys
 import typing
 import warnings
 from collections.abc import Callable
@@ -23,8 +24,7 @@ def path_first(save: Callable[_P, _R]) -> Callable[_P, _R]:
     The old order is to be refused from the release after the next one."""
     name = save.__name__
 
-    # Nothing to check here (`save` checks its arguments), and a type-checking wrapper
-    # (the test suite's import hook) would shift the frame the warning points at.
+    # Nothing to check here: `save` checks its arguments.
     @functools.wraps(save)
     @typing.no_type_check
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -36,9 +36,21 @@ def path_first(save: Callable[_P, _R]) -> Callable[_P, _R]:
                 f"the next release: pass the path first, `eqx_vae.{name}(path, model, ...)`, "
                 "as `eqx_vae.save` takes them.",
                 DeprecationWarning,
-                stacklevel=2,
+                stacklevel=_caller_level(),
             )
             args = (path, model, *rest)
         return save(*args, **kwargs)
 
     return wrapper  # pyright: ignore[reportReturnType]
+
+
+_WRAPPERS = ("jaxtyping", "beartype", "typeguard")
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that makes a warning raised in `wrapper` point at its caller,
+    past any type-checking wrappers (an import hook) between the two."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _WRAPPERS:
+        level, frame = level + 1, frame.f_back
+    return level
