@@ -24,6 +24,11 @@ from ._state_dict import (
     from_diffusers_state_dict as from_diffusers_state_dict,
     to_diffusers_state_dict as to_diffusers_state_dict,
 )
+from ._statistics import (
+    LatentStatistics as LatentStatistics,
+    apply_latent_statistics as apply_latent_statistics,
+    latent_statistics as latent_statistics,
+)
 from ._tiling import tiled_decode as tiled_decode, tiled_encode as tiled_encode
 from ._version import __version__ as __version__
 from ._xla import compiler_options as compiler_options

@@ -58,3 +58,16 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
         Image.fromarray(np.transpose(pixels.astype(np.uint8), (1, 2, 0))).save(path)
     except (KeyError, ValueError) as e:  # an unknown suffix
         raise ValueError(f"Cannot write an image to {path}: {e}") from e
+
+
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Bicubic resizing (antialiased when shrinking) of a `(C, H, W)` float image in
+    `[-1, 1]` to `size` (`(H, W)`, or one side for a square)."""
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else size
+    channels = [
+        np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+        for c in image
+    ]
+    return np.clip(np.stack(channels), -1.0, 1.0)

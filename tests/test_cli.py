@@ -1,10 +1,12 @@
 """The `eqx-vae` command line, end to end in subprocesses."""
 
+import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import require, small_config
@@ -93,6 +95,56 @@ def test_convert_errors(tmp_path):
     assert "junk.eqx is not an eqx_vae checkpoint (it does not start with" in result.stderr
     result = run("convert", check=False)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_convert_keeps_the_stored_dtype(model, tmp_path, capsys):
+    from eqx_vae.cli import main
+
+    half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)
+    eqx_vae.save_diffusers(tmp_path / "half", half)
+    assert main(["convert", str(tmp_path / "half"), str(tmp_path / "half.eqx")]) == 0
+    assert "float16" in capsys.readouterr().out
+    _same(half, eqx_vae.load(tmp_path / "half.eqx"))
+    assert eqx_vae.load(tmp_path / "half.eqx").encoder.conv_in.weight.dtype == jnp.float16
+    assert main(["convert", str(tmp_path / "half.eqx"), str(tmp_path / "half.safetensors")]) == 0
+    with eqx_vae.interop.SafetensorsFile(tmp_path / "half.safetensors") as f:
+        assert {ref.dtype for ref in f.values()} == {np.dtype(np.float16)}
+    # Back to a folder, from the single file (whose scaling the config gives), still float16.
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    arguments = ["convert", str(tmp_path / "half.safetensors"), str(tmp_path / "again")]
+    assert main([*arguments, "--config", str(tmp_path / "config.json")]) == 0
+    again = eqx_vae.load_diffusers(tmp_path / "again", dtype=jnp.float16)
+    assert again.config == model.config
+    _same(half, again)
+    with eqx_vae.interop.SafetensorsFile(
+        tmp_path / "again" / "diffusion_pytorch_model.safetensors"
+    ) as f:
+        assert {ref.dtype for ref in f.values()} == {np.dtype(np.float16)}
+    # --dtype still says otherwise.
+    assert (
+        main(["convert", str(tmp_path / "half"), str(tmp_path / "f32.eqx"), "--dtype", "float32"])
+        == 0
+    )
+    assert eqx_vae.load(tmp_path / "f32.eqx").encoder.conv_in.weight.dtype == jnp.float32
+    capsys.readouterr()
+    # --config is for single files; a folder has its own.
+    code = main(
+        [
+            "convert",
+            str(tmp_path / "half"),
+            str(tmp_path / "x.eqx"),
+            "--config",
+            str(tmp_path / "config.json"),
+        ]
+    )
+    assert code == 1 and "A config is for single files" in capsys.readouterr().err
+
+
+def test_convert_builtin_keeps_float16(tmp_path):
+    from eqx_vae.cli import main
+
+    assert main(["convert", "builtin", str(tmp_path / "b.eqx")]) == 0
+    assert eqx_vae.load(tmp_path / "b.eqx").encoder.conv_in.weight.dtype == jnp.float16
 
 
 def test_model_files_are_told_apart_by_their_contents(model, tmp_path):
@@ -465,10 +517,14 @@ def test_train_command(tmp_path):
         "--steps", "4", "--batch-size", "2", "--crop-size", "16", "--learning-rate", "1e-3",
         "--ema", "0.9", "--checkpoint-every", "2", "--sample-every", "2",
         "--scale", "0.5", "1", "--permute-channels", "--checkpointing",
+        "--latent-statistics", "2",
     )  # fmt: skip
     assert "training" in result.stdout and "wrote" in result.stdout
+    assert "latent scaling from 4 images: z * " in result.stdout
     trained = eqx_vae.load(tmp_path / "run" / "model.eqx")
     assert trained.spatial_factor == 4
+    record = json.loads((tmp_path / "run" / "latent_statistics.json").read_text())
+    assert trained.config.scaling_factor == record["conventions"]["scaling"]["scaling_factor"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert lines and '"step": 4' in lines[-1]
     for name in ("checkpoint.eqx", "losses.png", "samples/step_0000004.png"):
@@ -477,3 +533,35 @@ def test_train_command(tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = run("train", "--data", tmp_path / "data", "--scale", "1", "0.5", check=False)
     assert result.returncode == 1 and "--scale 1 0.5: must be a range" in result.stderr
+
+
+@pytest.mark.slow
+def test_stats_command(tmp_path):
+    from eqx_vae._images import read_image, resize
+
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        _photo(tmp_path / "data" / f"{i}.png", 40, 48 + 8 * i)
+    result = run(
+        "stats", "--data", tmp_path / "data", "--size", "32", "--batch", "2",
+        "--convention", "per_channel", "--out", tmp_path / "scaled.eqx",
+    )  # fmt: skip
+    assert "3 images at 32 px" in result.stdout and "latents_mean" in result.stdout
+    assert f"wrote {tmp_path / 'scaled.eqx'}" in result.stdout
+    scaled = eqx_vae.load(tmp_path / "scaled.eqx")
+    # The library on the same centre crops gives the same statistics.
+    crops = []
+    for path in sorted((tmp_path / "data").iterdir()):
+        image = read_image(path)
+        left = (image.shape[2] - 40) // 2
+        crops.append(resize(image[:, :, left : left + 40], 32))
+    builtin = eqx_vae.load_builtin()
+    stats = eqx_vae.latent_statistics(builtin, [np.stack(crops)])
+    assert scaled.config.latents_mean is not None and scaled.config.latents_std is not None
+    np.testing.assert_allclose(scaled.config.latents_mean, stats.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scaled.config.latents_std, stats.std, rtol=1e-5)
+    _same(builtin, scaled)
+    result = run("stats", "--data", tmp_path / "data", "--size", "30", check=False)
+    assert result.returncode == 1 and "multiple of the model's spatial factor 4" in result.stderr
+    result = run("stats", "--data", tmp_path / "nowhere", check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr

@@ -145,6 +145,26 @@ def test_resume_equals_uninterrupted(tmp_path, vae):
     assert (tmp_path / "split" / "losses.png").exists()
 
 
+def test_fit_measures_the_latent_statistics_at_the_end(tmp_path, vae):
+    state = _fit(tmp_path, vae, 1, tmp_path / "run", statistics_batches=2)
+    record = json.loads((tmp_path / "run" / "latent_statistics.json").read_text())
+    data = train.ImageFolder(image_folder(tmp_path), crop_size=32, batch_size=2, seed=3)
+    position, batches = train.DataPosition(epoch=10_000), []
+    for _ in range(2):
+        batch, position = data.batch(position)
+        batches.append(batch)
+    assert state.ema is not None
+    stats = eqx_vae.latent_statistics(state.ema, batches)
+    assert record["images"] == 4
+    np.testing.assert_allclose(record["mean"], stats.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(record["global_std"], stats.global_std, rtol=1e-6)
+    loaded = eqx_vae.LatentStatistics.from_dict(record)
+    assert record["conventions"]["scaling"] == loaded.config_fields("scaling")
+    np.testing.assert_allclose(
+        record["conventions"]["per_channel"]["latents_std"], stats.std, rtol=1e-6
+    )
+
+
 @pytest.mark.slow
 def test_checkpoint_round_trip_and_errors(tmp_path, vae):
     config = train.TrainConfig(disc_weight=0.5, ema_decay=0.99)

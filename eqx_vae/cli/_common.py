@@ -14,7 +14,7 @@ import numpy as np
 
 from .._autoencoder import AutoencoderKL
 from .._builtin import BUILTIN_PATH
-from .._config import PRESETS
+from .._config import PRESETS, AutoencoderKLConfig
 from .._distribution import DiagonalGaussian
 from .._errors import CheckpointError
 from .._images import (
@@ -173,6 +173,15 @@ class Runner:
     def reconstruct(self, image: np.ndarray) -> np.ndarray:
         _, h, w = image.shape
         return self.decode(self.encode(image).mode())[:, :h, :w]
+
+
+def latent_scaling(config: AutoencoderKLConfig) -> str:
+    """The formula that scales a latent `z` under `config`."""
+    if config.latents_mean is not None:
+        return "(z - latents_mean) * scaling_factor / latents_std"
+    if config.shift_factor is not None:
+        return f"(z - {config.shift_factor}) * {config.scaling_factor}"
+    return f"z * {config.scaling_factor}"
 
 
 def describe(model: AutoencoderKL) -> str:

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 
 from .._autoencoder import AutoencoderKL
 from .._builtin import load_builtin
-from .._config import PRESETS
+from .._config import PRESETS, AutoencoderKLConfig
 from .._errors import CheckpointError
 from .._serialisation import MAGIC, load, save
 from ..interop import load_diffusers, load_single_file, save_diffusers, save_single_file
+from ..interop._diffusers import read_config
 from ..interop._safetensors import looks_like_safetensors
+from ..interop._stored_dtype import stored_dtype
 from ..interop._torch_files import PICKLE_SUFFIXES, looks_like_torch_file
 
 
@@ -43,11 +45,21 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("dst", type=pathlib.Path, metavar="DST")
     parser.add_argument("--to", choices=KINDS, help="the kind of DST, instead of its suffix")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="parameter dtype to store")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="parameter dtype to store (by default the dtype SRC stores)",
+    )
     parser.add_argument(
         "--preset",
         choices=list(PRESETS),
         help="the model family of a single-file SRC (its latent scaling is not in the file)",
+    )
+    parser.add_argument(
+        "--config",
+        type=pathlib.Path,
+        metavar="JSON",
+        help="the config.json of a single-file SRC of a custom architecture",
     )
     parser.add_argument("--variant", help="read and write diffusion_pytorch_model.VARIANT.*")
     parser.set_defaults(run=run)
@@ -101,15 +113,23 @@ def load_any(
     *,
     dtype: Any = None,
     preset: str | None = None,
+    config: AutoencoderKLConfig | None = None,
     variant: str | None = None,
+    keep_dtype: bool = False,
 ) -> tuple[AutoencoderKL, str]:
     """Loads the built-in model for the name `builtin` (a string; a file or folder of
     that name is `./builtin`), or a model file or folder of any kind, telling the kind
-    from its contents (see `source_kind`). Returns the model and its kind."""
+    from its contents (see `source_kind`). Without `dtype`, the parameters are float32,
+    or with `keep_dtype` in the dtype the source stores. Returns the model and its
+    kind."""
     if isinstance(source, str) and source == BUILTIN:
-        return load_builtin(dtype), "built-in"
+        return load_builtin(dtype or (jnp.float16 if keep_dtype else None)), "built-in"
     path = pathlib.Path(source)
     kind = source_kind(path)
+    if config is not None and kind != "single-file":
+        raise ValueError(f"A config is for single files; {path} is a {kind} model.")
+    if dtype is None and keep_dtype and kind != "eqx":
+        dtype = stored_dtype(path, variant=variant)
     if kind == "diffusers":
         model = load_diffusers(path, dtype=dtype, variant=variant)
     elif kind == "eqx":
@@ -117,20 +137,35 @@ def load_any(
         if dtype is not None:
             model = jax.tree_util.tree_map(lambda a: a.astype(dtype), model)
     else:
-        model = load_single_file(path, preset=preset, dtype=dtype)
+        model = load_single_file(path, preset=preset, config=config, dtype=dtype)
     return model, kind
+
+
+def save_any(
+    path: pathlib.Path, model: AutoencoderKL, kind: str, *, variant: str | None = None
+) -> None:
+    """Writes `model` to `path` as `kind`, one of `KINDS`."""
+    if kind == "diffusers":
+        save_diffusers(path, model, variant=variant)
+    elif kind == "single-file":
+        save_single_file(path, model)
+    else:
+        save(path, model)
 
 
 def run(args: argparse.Namespace) -> int:
     dst_kind = args.to or destination_kind(args.dst)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    model, src_kind = load_any(args.src, dtype=dtype, preset=args.preset, variant=args.variant)
-    if dst_kind == "diffusers":
-        save_diffusers(args.dst, model, variant=args.variant)
-    elif dst_kind == "single-file":
-        save_single_file(args.dst, model)
-    else:
-        save(args.dst, model)
+    config = None if args.config is None else read_config(args.config)
+    model, src_kind = load_any(
+        args.src,
+        dtype=dtype,
+        preset=args.preset,
+        config=config,
+        variant=args.variant,
+        keep_dtype=True,
+    )
+    save_any(args.dst, model, dst_kind, variant=args.variant)
     leaves = jax.tree_util.tree_leaves(model)
     count = sum(leaf.size for leaf in leaves)
     print(

@@ -3,7 +3,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import CheckpointError
-from . import _convert, _info, _latents, _reconstruct, _train
+from . import _convert, _info, _latents, _reconstruct, _stats, _train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,6 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _info.add_parser(commands)
     _train.add_parser(commands)
     _convert.add_parser(commands)
+    _stats.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import pathlib
 from typing import Any
 
@@ -12,8 +13,9 @@ from .._autoencoder import AutoencoderKL
 from .._builtin import builtin_config
 from .._config import PRESETS, AutoencoderKLConfig
 from .._serialisation import save
+from .._statistics import LatentStatistics, apply_latent_statistics
 from ._checks import ArgumentProblems
-from ._common import describe, load_model
+from ._common import describe, latent_scaling, load_model
 from ._convert import BUILTIN
 
 
@@ -109,6 +111,16 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], help="compute dtype")
     parser.add_argument("--sample-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument(
+        "--latent-statistics",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help=(
+            "at the end, measure the latent statistics over this many batches and write "
+            "model.eqx with the latent scaling they give (the model's own convention)"
+        ),
+    )
 
 
 def _train_config_defaults() -> Any:
@@ -124,7 +136,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for options, minimum in [
         (("--steps", "--batch-size", "--crop-size", "--accumulate"), 1),
         (("--sample-every", "--checkpoint-every"), 1),
-        (("--warmup-steps", "--disc-start"), 0),
+        (("--warmup-steps", "--disc-start", "--latent-statistics"), 0),
         (("--learning-rate", "--kl-weight", "--disc-weight", "--perceptual-weight"), 0.0),
     ]:
         for option in options:
@@ -221,8 +233,15 @@ def run(args: argparse.Namespace) -> int:
         sample_every=args.sample_every,
         checkpoint_every=args.checkpoint_every,
         mesh=mesh,
+        statistics_batches=args.latent_statistics,
     )
+    from ..train._loop import STATISTICS
+
     model = state.ema if state.ema is not None else state.vae
+    if args.latent_statistics:
+        record = json.loads((args.out / STATISTICS).read_text())
+        model = apply_latent_statistics(model, LatentStatistics.from_dict(record))
+        print(f"latent scaling from {record['images']} images: {latent_scaling(model.config)}")
     save(args.out / "model.eqx", model)
     print(f"wrote {args.out / 'model.eqx'} after step {int(state.step)}")
     return 0

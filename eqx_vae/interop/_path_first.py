@@ -49,8 +49,12 @@ _WRAPPERS = ("jaxtyping", "beartype", "typeguard")
 
 def _caller_level() -> int:
     """The `stacklevel` that makes a warning raised in `wrapper` point at its caller,
-    past any type-checking wrappers (an import hook) between the two."""
-    level, frame = 2, sys._getframe(2)
+    past any type-checking wrappers (an import hook) around either function."""
+    frame = sys._getframe(1)
+    while frame.f_code.co_name != "wrapper" or frame.f_globals.get("__name__") != __name__:
+        frame = frame.f_back
+        assert frame is not None
+    level, frame = 2, frame.f_back
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _WRAPPERS:
         level, frame = level + 1, frame.f_back
     return level

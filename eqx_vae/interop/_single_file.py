@@ -164,7 +164,8 @@ def _ambiguous_message(path: pathlib.Path, inferred: AutoencoderKLConfig) -> str
         f"{path} holds only an autoencoder with {inferred.latent_channels} latent channels, "
         "and the latent scaling of a VAE cannot be read off its weights. Pass "
         f"`preset=` (for this file one of {candidates or list(PRESETS)}; all presets: "
-        f"{list(PRESETS)}) or a full `config=`."
+        f"{list(PRESETS)}) or a full `config=` (on the command line `--preset` or "
+        "`--config config.json`)."
     )
 
 
@@ -192,7 +193,8 @@ def _preset_matching(
     if differences:
         raise CheckpointError(
             f"{path} does not have the {preset!r} architecture ({'; '.join(differences)}). "
-            "Pass a full `config=` for a custom architecture."
+            "Pass a full `config=` (on the command line `--config config.json`) for a custom "
+            "architecture."
         )
     return config
 
@@ -221,7 +223,7 @@ def infer_config(
         raise CheckpointError(
             f"{path} has level widths {channels}, which {groups} GroupNorm groups (the number "
             "every published model uses, and which checkpoints do not store) do not divide; "
-            "pass a full `config=`."
+            "pass a full `config=` (on the command line `--config config.json`)."
         )
     try:
         return AutoencoderKLConfig(

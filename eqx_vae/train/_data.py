@@ -7,7 +7,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-from .._images import IMAGE_SUFFIXES, read_image
+from .._images import IMAGE_SUFFIXES, read_image, resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ImageFolder:
         left = int(rng.integers(0, w - region + 1))
         crop = image[:, top : top + region, left : left + region]
         if region != self.crop_size:
-            crop = _resize(crop, self.crop_size)
+            crop = resize(crop, self.crop_size)
         if self.flip and rng.random() < 0.5:
             crop = crop[:, :, ::-1]
         if self.permute_channels:
@@ -159,17 +159,4 @@ class ImageFolder:
 
 def _upscale(image: np.ndarray, factor: float) -> np.ndarray:
     _, h, w = image.shape
-    return _resize(image, (max(1, round(h * factor + 0.5)), max(1, round(w * factor + 0.5))))
-
-
-def _resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Bicubic resizing (antialiased when shrinking) of a `(C, H, W)` float image in
-    `[-1, 1]` to `size` (`(H, W)`, or one side for a square)."""
-    from PIL import Image
-
-    h, w = (size, size) if isinstance(size, int) else size
-    channels = [
-        np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC), np.float32)
-        for c in image
-    ]
-    return np.clip(np.stack(channels), -1.0, 1.0)
+    return resize(image, (max(1, round(h * factor + 0.5)), max(1, round(w * factor + 0.5))))

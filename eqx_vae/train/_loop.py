@@ -11,8 +11,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .._custom_types import KeyArray
+from .._files import atomic_write
 from .._images import write_image
 from .._progress import Progress
+from .._statistics import CONVENTIONS, latent_statistics
 from .._xla import compiler_options
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._data import DataPosition, ImageFolder
@@ -23,6 +25,7 @@ from ._step import make_train_step
 
 CHECKPOINT = "checkpoint.eqx"
 METRICS = "metrics.jsonl"
+STATISTICS = "latent_statistics.json"
 
 
 def fit(
@@ -42,6 +45,7 @@ def fit(
     mesh: Mesh | None = None,
     resume: bool = True,
     progress: bool = True,
+    statistics_batches: int = 0,
 ) -> TrainState:
     """Trains until `state.step == steps`, writing to `out`:
 
@@ -54,6 +58,10 @@ def fit(
         reconstructions (by the EMA weights when there are some), every `sample_every`
         steps.
     - `losses.png`: the loss curves, at every checkpoint.
+    - `latent_statistics.json`, with `statistics_batches`: the statistics of the final
+        model's latents (the EMA weights when there are some) over that many batches of
+        the training data, and the latent scaling they give under each convention (see
+        [`eqx_vae.latent_statistics`][] and [`eqx_vae.apply_latent_statistics`][]).
 
     **Arguments:**
 
@@ -65,6 +73,8 @@ def fit(
     - `mesh`: a mesh with a `"batch"` axis for data-parallel training (batch sharded,
         state replicated); by default one device.
     - `progress`: show a progress bar on standard error.
+    - `statistics_batches`: how many batches of `data` to measure the latent
+        statistics on at the end (none by default).
 
     **Returns:**
 
@@ -106,7 +116,27 @@ def fit(
                     plot_losses(out / METRICS, out / "losses.png")
     finally:
         stream.close()
+    if statistics_batches > 0:
+        _write_statistics(out / STATISTICS, state, data, statistics_batches)
     return state
+
+
+def _write_statistics(
+    path: pathlib.Path, state: TrainState, data: ImageFolder, batches: int
+) -> None:
+    """The latent statistics of the final model over `batches` batches of `data`, from
+    an epoch training does not reach (so the same crops whenever it is run)."""
+    model = state.ema if state.ema is not None else state.vae
+    position = DataPosition(epoch=10_000)
+    images = []
+    for _ in range(batches):
+        batch, position = data.batch(position)
+        images.append(batch)
+    stats = latent_statistics(model, images)
+    record = stats.to_dict()
+    record["conventions"] = {c: stats.config_fields(c) for c in CONVENTIONS}
+    with atomic_write(path) as f:
+        f.write(json.dumps(record, indent=2).encode())
 
 
 def _start(state: TrainState, out: pathlib.Path, resume: bool) -> tuple[TrainState, DataPosition]:

@@ -1,0 +1,44 @@
+"""The dtype a model file or folder stores its parameters in, read without loading them
+(a PyTorch pickle excepted, which has no header to read)."""
+
+import collections
+import contextlib
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._state_dict import _dtype_name, _shape_of
+from ._diffusers import _open_weights, resolve_model_folder
+from ._safetensors import SafetensorsFile
+from ._single_file import _reads_as_torch, _strip_prefix
+from ._torch_files import load_torch_file
+
+
+_FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
+def stored_dtype(path: pathlib.Path, *, variant: str | None = None) -> np.dtype | None:
+    """The floating dtype most of the autoencoder's parameters in `path` (a diffusers
+    folder or an original single file) are stored in; `None` when it holds none."""
+    with contextlib.ExitStack() as stack:
+        if path.is_dir():
+            tensors = _open_weights(resolve_model_folder(path), variant, stack)
+        elif _reads_as_torch(path):
+            tensors = _strip_prefix(load_torch_file(path))
+        else:
+            tensors = _strip_prefix(stack.enter_context(SafetensorsFile(path)))
+        return _most_common_floating(tensors)
+
+
+def _most_common_floating(tensors: Mapping[str, Any]) -> np.dtype | None:
+    sizes: collections.Counter[str] = collections.Counter()
+    for value in tensors.values():
+        name = _dtype_name(value)
+        if name in _FLOATING:
+            sizes[name] += int(np.prod(_shape_of(value)))
+    if not sizes:
+        return None
+    return np.dtype(jnp.dtype(sizes.most_common(1)[0][0]))
