@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from flax_cases import CASES, flatten, flax_model, flax_outputs, inputs, unflatten
+from flax_cases import CASES, flatten, flax_model, flax_outputs, inputs, random_params, unflatten
 from helpers import FIXTURES, assert_close, require_flax, small_config
 from parity_cases import random_state_dict
 
@@ -310,3 +310,66 @@ def test_to_flax_params_runs_in_flax_autoencoder_kl(case):
     for name, value in _outputs(model, image, latent).items():
         ratio = assert_close(value, expected[name], what=name)
         print(f"{case.name} {name}: max|diff| / max|ref| = {ratio:.2g}")
+
+
+@pytest.mark.flax
+@pytest.mark.parametrize("stored", [np.float32, ml_dtypes.bfloat16])
+def test_loads_a_folder_flax_saved(tmp_path, stored):
+    require_flax()
+    flax = pytest.importorskip("flax")
+
+    case = CASES[1]
+    flax_vae = flax_model(case.config)
+    params = jax.tree_util.tree_map(lambda a: a.astype(stored), random_params(flax_vae, 3))
+    flax_vae.save_pretrained(tmp_path, params=flax.core.freeze(params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "diffusion_flax_model.msgpack",
+    ]
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == (
+        "FlaxAutoencoderKL"
+    )
+    loaded = eqx_vae.load_diffusers(tmp_path)
+    _assert_same_parameters(loaded, eqx_vae.from_flax_params(params, case.config))
+    _assert_same_parameters(
+        eqx_vae.from_flax_params(flax.core.freeze({"params": params}), case.config), loaded
+    )
+    same_dtype = eqx_vae.load_diffusers(tmp_path, dtype=stored)
+    _assert_same_tree(eqx_vae.to_flax_params(same_dtype), params)
+
+
+@pytest.mark.flax
+def test_save_diffusers_flax_format_loads_in_flax(tmp_path):
+    FlaxAutoencoderKL = require_flax()
+    flax = pytest.importorskip("flax")
+
+    case = CASES[2]
+    model = _eqx_model(case, seed=5)
+    eqx_vae.save_diffusers(tmp_path, model, format="flax")
+    flax_vae, params = FlaxAutoencoderKL.from_pretrained(tmp_path)
+    loaded = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))
+    _assert_same_tree(loaded, eqx_vae.to_flax_params(model))
+    image, latent = inputs(case, 5)
+    expected = flax_outputs(flax_vae, params, image, latent)
+    for name, value in _outputs(model, image, latent).items():
+        assert_close(value, expected[name], what=name)
+
+
+@pytest.mark.flax
+def test_chunked_arrays_agree_with_flax(tmp_path, monkeypatch):
+    """Arrays over flax's chunk size are split the same way by both writers, and each
+    reader reads the other's."""
+    require_flax()
+    serialization = pytest.importorskip("flax.serialization")
+
+    from eqx_vae.interop import _flax_msgpack
+
+    tree = {"a": {"b": np.arange(40, dtype=np.float32).reshape(5, 8)}, "c": np.ones(3)}
+    monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 64)
+    monkeypatch.setattr(_flax_msgpack, "_MAX_CHUNK_BYTES", 64)
+    _flax_msgpack.write_flax_msgpack(tmp_path / "ours.msgpack", tree)
+    theirs = serialization.msgpack_serialize(tree)
+    assert (tmp_path / "ours.msgpack").read_bytes() == theirs
+    _assert_same_tree(serialization.msgpack_restore(theirs), tree)
+    (tmp_path / "theirs.msgpack").write_bytes(theirs)
+    _assert_same_tree(_flax_msgpack.read_flax_msgpack(tmp_path / "theirs.msgpack"), tree)
