@@ -10,6 +10,7 @@ from ._decoder import Decoder as Decoder
 from ._distribution import DiagonalGaussian as DiagonalGaussian
 from ._encoder import Encoder as Encoder
 from ._errors import CheckpointError as CheckpointError
+from ._flax_params import from_flax_params as from_flax_params, to_flax_params as to_flax_params
 from ._levels import (
     DownEncoderBlock2D as DownEncoderBlock2D,
     UpDecoderBlock2D as UpDecoderBlock2D,

@@ -14,6 +14,8 @@ from ._validation import (
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 _CLASS_NAME = "AutoencoderKL"
+# diffusers' Flax model writes its own class name into the same config.
+_CLASS_NAMES = frozenset({_CLASS_NAME, "FlaxAutoencoderKL"})
 
 # Keys that diffusers writes into `config.json` for its own bookkeeping. They carry no
 # architectural information, so they are accepted and dropped.
@@ -172,9 +174,9 @@ class AutoencoderKLConfig:
 
         **Arguments:**
 
-        - `config`: the parsed JSON. Bookkeeping keys (`_class_name`,
-            `_diffusers_version`, `_name_or_path`, ...) are accepted; any other key that
-            is not a field raises.
+        - `config`: the parsed JSON (of an `AutoencoderKL` or a `FlaxAutoencoderKL`).
+            Bookkeeping keys (`_class_name`, `_diffusers_version`, `_name_or_path`, ...)
+            are accepted; any other key that is not a field raises.
 
         **Returns:**
 
@@ -183,7 +185,7 @@ class AutoencoderKLConfig:
         if not isinstance(config, Mapping):
             raise ValueError(f"Expected a mapping of config keys, got {type(config).__name__}.")
         class_name = config.get("_class_name", _CLASS_NAME)
-        if class_name != _CLASS_NAME:
+        if class_name not in _CLASS_NAMES:
             raise ValueError(
                 f"This config describes a {class_name!r}; eqx_vae implements {_CLASS_NAME!r}."
             )

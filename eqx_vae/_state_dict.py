@@ -108,19 +108,19 @@ def from_diffusers_state_dict(
         if name not in tensors:
             missing.append(f"{name}: expected shape {torch_shape(name, leaf.shape)}")
             continue
-        shape = _shape_of(tensors[name])
+        shape = shape_of(tensors[name])
         if shape not in (leaf.shape, torch_shape(name, leaf.shape)):
             misshaped.append(
                 f"{name}: checkpoint has shape {shape}, model expects "
                 f"{torch_shape(name, leaf.shape)}"
             )
-        elif _dtype_name(tensors[name]) not in _FLOATING:
-            problems.append(f"{name}: dtype {_dtype_name(tensors[name])} is not floating point")
+        elif dtype_name(tensors[name]) not in FLOATING:
+            problems.append(f"{name}: dtype {dtype_name(tensors[name])} is not floating point")
     known = {name for name, _ in expected}
     unexpected = [
-        f"{name}: shape {_shape_of(value)}" for name, value in tensors.items() if name not in known
+        f"{name}: shape {shape_of(value)}" for name, value in tensors.items() if name not in known
     ]
-    _raise_if_problems(
+    raise_if_problems(
         headline,
         config,
         missing=missing,
@@ -129,10 +129,30 @@ def from_diffusers_state_dict(
         invalid=problems,
     )
 
+    return fill_skeleton(
+        tensors, config, dtype=dtype, check_finite=check_finite, headline=headline
+    )
+
+
+def fill_skeleton(
+    tensors: Mapping[str, Any],
+    config: AutoencoderKLConfig,
+    *,
+    dtype: DTypeLike | None,
+    check_finite: bool,
+    headline: str,
+    labels: Mapping[str, str] | None = None,
+) -> AutoencoderKL:
+    """The model whose parameters are `tensors`, by diffusers name, whose names and
+    shapes the caller has checked; each is converted to `dtype` (float32 by default) on
+    its own, so at most one parameter exists twice at a time. `labels` gives the name a
+    non-finite parameter is reported under, where the caller's names are not
+    diffusers'."""
+    skeleton = abstract_model(config)
     out_dtype = np.dtype(jnp.dtype(jnp.float32 if dtype is None else dtype))
     leaves = []
     non_finite = []
-    for name, leaf in expected:
+    for name, leaf in named_parameters(skeleton):
         array, owned = _materialise(tensors[name])
         array = array.reshape(leaf.shape)
         if array.dtype != out_dtype:
@@ -141,11 +161,12 @@ def from_diffusers_state_dict(
             array, owned = converted, True
         if check_finite and not np.all(np.isfinite(array)):
             count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            non_finite.append(f"{name}: {count} of {array.size} values are NaN or infinite")
+            label = name if labels is None else labels[name]
+            non_finite.append(f"{label}: {count} of {array.size} values are NaN or infinite")
         # An array nothing else references can become the JAX array without a copy.
         leaves.append(jax.device_put(array) if owned else jnp.array(array))
         del array
-    _raise_if_problems(headline, config, invalid=non_finite)
+    raise_if_problems(headline, config, invalid=non_finite)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), leaves)
 
 
@@ -174,7 +195,7 @@ def _rename_old_attention(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any]
     return tensors, problems
 
 
-def _raise_if_problems(
+def raise_if_problems(
     headline: str,
     config: AutoencoderKLConfig,
     *,
@@ -210,14 +231,14 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
 
 
-_FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
+FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
-def _shape_of(value: Any) -> tuple[int, ...]:
+def shape_of(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in getattr(value, "shape", np.shape(value)))
 
 
-def _dtype_name(value: Any) -> str:
+def dtype_name(value: Any) -> str:
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         return np.asarray(value).dtype.name

@@ -47,10 +47,10 @@ def without_typechecks():
 
 
 def pytest_collection_modifyitems(items):
-    """The live comparisons with diffusers' PyTorch implementation import torch (many
-    seconds) and run it: they belong to the slow tests."""
+    """The live comparisons with diffusers' PyTorch and Flax implementations import
+    torch or flax (many seconds) and run them: they belong to the slow tests."""
     for item in items:
-        if item.get_closest_marker("torch") is not None:
+        if any(item.get_closest_marker(name) is not None for name in ("torch", "flax")):
             item.add_marker(pytest.mark.slow)
 
 

@@ -79,3 +79,14 @@ def require(module: str):
         if os.environ.get("CI"):
             raise
         pytest.skip(f"{module} is not installed (pip install -e '.[parity]')")
+
+
+def require_flax():
+    """Imports flax and diffusers' `FlaxAutoencoderKL` for a live comparison, or skips:
+    diffusers removed its Flax models after 0.39, so they are not part of the test
+    requirements (the `bench` extra has them)."""
+    pytest.importorskip("flax")
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "FlaxAutoencoderKL"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no FlaxAutoencoderKL (0.39 has)")
+    return diffusers.FlaxAutoencoderKL

@@ -69,6 +69,20 @@ def test_vae_only_repo_from_cache(cache, model):
     )
 
 
+def test_flax_only_repo_from_cache(tmp_path, model):
+    """A repository of the Flax era, with `diffusion_flax_model.msgpack` alone."""
+    require("huggingface_hub")
+    require("msgpack")
+    folder = tmp_path / "saved"
+    eqx_vae.save_diffusers(folder, model, format="flax")
+    files = {f"vae/{p.name}": p.read_bytes() for p in folder.iterdir()}
+    _make_cache(tmp_path / "hub", "someone/flax-era", files)
+    loaded = eqx_vae.from_pretrained(
+        "someone/flax-era", cache_dir=tmp_path / "hub", local_files_only=True
+    )
+    _same(model, loaded)
+
+
 def test_offline_mode_is_honoured(cache, model, monkeypatch):
     import huggingface_hub.constants
 

@@ -17,6 +17,7 @@ LOADERS = [
     eqx_vae.load_single_file,
     eqx_vae.from_pretrained,
     eqx_vae.from_diffusers_state_dict,
+    eqx_vae.from_flax_params,
 ]
 
 
@@ -36,6 +37,7 @@ def test_every_loader_gives_float32_parameters_unless_told_otherwise(loader, tmp
             eqx_vae.to_diffusers_state_dict(model),
             model.config,
         ),
+        eqx_vae.from_flax_params: (eqx_vae.to_flax_params(model), model.config),
     }[loader]
     extra = {"config": model.config} if loader is eqx_vae.load_single_file else {}
     eqx_vae.save_diffusers(tmp_path, model)

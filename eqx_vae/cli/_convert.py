@@ -34,10 +34,10 @@ def add_parser(commands: Any) -> None:
             "Convert a VAE between a diffusers folder, an original single file "
             "(.safetensors, or a PyTorch pickle when torch is installed) and an eqx_vae "
             "checkpoint (.eqx). The kind of SRC is told from its contents: a folder is a "
-            "diffusers model, a file an eqx_vae checkpoint, a safetensors file or a PyTorch "
-            "checkpoint by how it starts, whatever its name. DST ending in .eqx is written "
-            "as an eqx_vae checkpoint, in .safetensors as a single file, anything else as a "
-            "diffusers folder."
+            "diffusers model (PyTorch or Flax weights), a file an eqx_vae checkpoint, a "
+            "safetensors file or a PyTorch checkpoint by how it starts, whatever its name. "
+            "DST ending in .eqx is written as an eqx_vae checkpoint, in .safetensors as a "
+            "single file, anything else as a diffusers folder."
         ),
     )
     parser.add_argument(

@@ -1,13 +1,15 @@
 """diffusers model folders: `config.json` next to `diffusion_pytorch_model.safetensors`
-(or a sharded checkpoint with an `.index.json`), possibly under a pipeline's `vae/`."""
+(or a sharded checkpoint with an `.index.json`, or the Flax era's
+`diffusion_flax_model.msgpack`), possibly under a pipeline's `vae/`."""
 
 import contextlib
 import json
 import os
 import pathlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +18,9 @@ from .._config import AutoencoderKLConfig
 from .._custom_types import DTypeLike
 from .._errors import CheckpointError
 from .._files import atomic_write
+from .._flax_params import flax_leaves, load_flax_leaves, to_flax_params
 from .._state_dict import from_diffusers_state_dict, to_diffusers_state_dict
+from ._flax_msgpack import FLAX_WEIGHTS_NAME, read_flax_msgpack, write_flax_msgpack
 from ._path_first import path_first
 from ._safetensors import SafetensorsFile, TensorRef, write_safetensors
 from ._torch_files import load_torch_file
@@ -57,8 +61,11 @@ def load_diffusers(
     **Arguments:**
 
     - `path`: a folder with `config.json` and `diffusion_pytorch_model.safetensors`
-        (or a sharded `diffusion_pytorch_model.safetensors.index.json` with its shards),
-        or a pipeline folder whose `subfolder` (by default `vae/`) is one.
+        (or a sharded `diffusion_pytorch_model.safetensors.index.json` with its shards,
+        a pickled `diffusion_pytorch_model.bin` where torch is installed, or, with none
+        of these, the `diffusion_flax_model.msgpack` of diffusers' `FlaxAutoencoderKL`,
+        read with the `flax` extra's msgpack and without flax), or a pipeline folder
+        whose `subfolder` (by default `vae/`) is one.
     - `dtype`: parameter dtype: `jnp.float32` (the default), `jnp.bfloat16` or
         `jnp.float16`, whatever the files store.
     - `variant`: load `diffusion_pytorch_model.<variant>.safetensors`, e.g. `"fp16"`.
@@ -80,7 +87,15 @@ def load_diffusers(
     config = read_config(folder / CONFIG_NAME)
     with contextlib.ExitStack() as stack:
         tensors = _open_weights(folder, variant, stack)
+        flax_tree = read_flax_msgpack(folder / FLAX_WEIGHTS_NAME) if tensors is None else None
         try:
+            if flax_tree is not None:
+                leaves, problems = flax_leaves(flax_tree)
+                del flax_tree  # each array is let go of once it is converted
+                return load_flax_leaves(
+                    leaves, problems, config, dtype=dtype, check_finite=check_finite
+                )
+            assert tensors is not None
             return from_diffusers_state_dict(
                 tensors, config, dtype=dtype, check_finite=check_finite
             )
@@ -102,7 +117,8 @@ def read_config(path: pathlib.Path) -> AutoencoderKLConfig:
 
 def _open_weights(
     folder: pathlib.Path, variant: str | None, stack: contextlib.ExitStack
-) -> Mapping[str, Any]:
+) -> Mapping[str, Any] | None:
+    """The PyTorch weights of a folder, or `None` where there are only Flax ones."""
     stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
@@ -113,10 +129,17 @@ def _open_weights(
     pickled = folder / f"{stem}.bin"
     if pickled.is_file():
         return load_torch_file(pickled)
-    present = sorted(p.name for p in folder.iterdir() if WEIGHTS_NAME in p.name)
+    if variant is None and (folder / FLAX_WEIGHTS_NAME).is_file():
+        return None
+    present = sorted(
+        p.name for p in folder.iterdir() if WEIGHTS_NAME in p.name or p.name == FLAX_WEIGHTS_NAME
+    )
     hint = f"; present: {present}" if present else ""
     variant_hint = "" if variant is None else f" (variant={variant!r})"
-    raise CheckpointError(f"{folder} has no {single.name} or {index.name}{variant_hint}{hint}.")
+    raise CheckpointError(
+        f"{folder} has no {single.name} or {index.name}{variant_hint} (nor {pickled.name} "
+        f"or {FLAX_WEIGHTS_NAME}){hint}."
+    )
 
 
 def _open_shards(index: pathlib.Path, stack: contextlib.ExitStack) -> dict[str, TensorRef]:
@@ -152,6 +175,7 @@ def save_diffusers(
     *,
     dtype: DTypeLike | None = None,
     variant: str | None = None,
+    format: Literal["safetensors", "flax"] = "safetensors",
 ) -> None:
     """Writes `model` as a diffusers model folder (`config.json` and
     `diffusion_pytorch_model[.variant].safetensors`) that
@@ -166,6 +190,10 @@ def save_diffusers(
     - `model`: an [`eqx_vae.AutoencoderKL`][].
     - `dtype`: the dtype to store, e.g. `jnp.float16`; by default the model's.
     - `variant`: write `diffusion_pytorch_model.<variant>.safetensors`.
+    - `format`: `"flax"` writes the weights as `diffusion_flax_model.msgpack` instead,
+        in the layout of [`eqx_vae.to_flax_params`][], which diffusers'
+        `FlaxAutoencoderKL.from_pretrained` loads (the `flax` extra; Flax weights have
+        no variants).
 
     The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
     versions, `save_diffusers(model, path)`, still works for one release with a
@@ -173,14 +201,27 @@ def save_diffusers(
     """
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
+    if format not in ("safetensors", "flax"):
+        raise ValueError(f'`format` must be "safetensors" or "flax", got {format!r}.')
+    if format == "flax" and variant is not None:
+        raise ValueError(
+            f"Flax weights have no variants (got variant={variant!r}): diffusers reads "
+            f"only {FLAX_WEIGHTS_NAME}; leave `variant` out."
+        )
+    np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state_dict = to_diffusers_state_dict(model)
-    if dtype is not None:
-        np_dtype = np.dtype(jnp.dtype(dtype))
-        state_dict = {k: v.astype(np_dtype) for k, v in state_dict.items()}
-    stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
-    write_safetensors(folder / f"{stem}.safetensors", state_dict, metadata={"format": "pt"})
+    if format == "flax":
+        params = to_flax_params(model)
+        if np_dtype is not None:
+            params = jax.tree_util.tree_map(lambda a: a.astype(np_dtype), params)
+        write_flax_msgpack(folder / FLAX_WEIGHTS_NAME, params)
+    else:
+        state_dict = to_diffusers_state_dict(model)
+        if np_dtype is not None:
+            state_dict = {k: v.astype(np_dtype) for k, v in state_dict.items()}
+        stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
+        write_safetensors(folder / f"{stem}.safetensors", state_dict, metadata={"format": "pt"})
     config = model.config.to_dict()
     config["_diffusers_version"] = DIFFUSERS_VERSION
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")

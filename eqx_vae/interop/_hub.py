@@ -8,6 +8,7 @@ from .._autoencoder import AutoencoderKL
 from .._custom_types import DTypeLike
 from .._errors import CheckpointError
 from ._diffusers import CONFIG_NAME, WEIGHTS_NAME, load_diffusers
+from ._flax_msgpack import FLAX_WEIGHTS_NAME
 
 
 def from_pretrained(
@@ -28,7 +29,8 @@ def from_pretrained(
     A local folder is read directly (see [`eqx_vae.load_diffusers`][]). Anything else
     is taken as a Hub repository id and fetched with `huggingface_hub` (the `hub`
     extra), which uses its cache and honours `HF_HUB_OFFLINE=1`; only the config and
-    the safetensors weights are downloaded.
+    the safetensors weights are downloaded, or, for a repository without them,
+    diffusers' Flax weights (`diffusion_flax_model.msgpack`).
 
     **Arguments:**
 
@@ -79,17 +81,29 @@ def from_pretrained(
         f"{stem}-*.safetensors",
     ]
     prefixes = ["", f"{subfolder}/"] if subfolder else [""]
-    try:
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-            local_files_only=local_files_only,
-            token=token,
-            allow_patterns=[prefix + pattern for prefix in prefixes for pattern in patterns],
-        )
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise CheckpointError(f"Cannot fetch {repo_id!r} from the Hugging Face Hub: {e}") from e
+
+    def download(names: list[str]) -> pathlib.Path:
+        try:
+            return pathlib.Path(
+                huggingface_hub.snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=None if cache_dir is None else str(cache_dir),
+                    local_files_only=local_files_only,
+                    token=token,
+                    allow_patterns=[prefix + name for prefix in prefixes for name in names],
+                )
+            )
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"Cannot fetch {repo_id!r} from the Hugging Face Hub: {e}"
+            ) from e
+
+    snapshot = download(patterns)
+    folders = [snapshot, *([snapshot / subfolder] if subfolder else [])]
+    if variant is None and not any(any(f.glob(f"{stem}*.safetensors*")) for f in folders):
+        # A repository of the Flax era may hold only Flax weights.
+        snapshot = download([CONFIG_NAME, FLAX_WEIGHTS_NAME])
     return load_diffusers(
         snapshot, dtype=dtype, variant=variant, subfolder=subfolder, check_finite=check_finite
     )
