@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import require, small_config
+from helpers import FIXTURES, require, small_config
 
 import eqx_vae
 
@@ -140,11 +140,17 @@ def test_convert_keeps_the_stored_dtype(model, tmp_path, capsys):
     assert code == 1 and "A config is for single files" in capsys.readouterr().err
 
 
-def test_convert_builtin_keeps_float16(tmp_path):
+def test_convert_builtin_and_flax_folders_keep_float16(tmp_path):
     from eqx_vae.cli import main
 
     assert main(["convert", "builtin", str(tmp_path / "b.eqx")]) == 0
     assert eqx_vae.load(tmp_path / "b.eqx").encoder.conv_in.weight.dtype == jnp.float16
+    require("msgpack")
+    flax_folder = FIXTURES / "flax_msgpack"  # written by FlaxAutoencoderKL, float16
+    assert main(["convert", str(flax_folder), str(tmp_path / "f.eqx")]) == 0
+    converted = eqx_vae.load(tmp_path / "f.eqx")
+    assert converted.encoder.conv_in.weight.dtype == jnp.float16
+    _same(eqx_vae.load_diffusers(flax_folder, dtype=jnp.float16), converted)
 
 
 def test_model_files_are_told_apart_by_their_contents(model, tmp_path):

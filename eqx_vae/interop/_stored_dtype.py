@@ -10,8 +10,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .._state_dict import _dtype_name, _shape_of
+from .._flax_params import flax_leaves
+from .._state_dict import dtype_name, shape_of
 from ._diffusers import _open_weights, resolve_model_folder
+from ._flax_msgpack import FLAX_WEIGHTS_NAME, read_flax_msgpack
 from ._safetensors import SafetensorsFile
 from ._single_file import _reads_as_torch, _strip_prefix
 from ._torch_files import load_torch_file
@@ -25,7 +27,10 @@ def stored_dtype(path: pathlib.Path, *, variant: str | None = None) -> np.dtype 
     folder or an original single file) are stored in; `None` when it holds none."""
     with contextlib.ExitStack() as stack:
         if path.is_dir():
-            tensors = _open_weights(resolve_model_folder(path), variant, stack)
+            folder = resolve_model_folder(path)
+            tensors = _open_weights(folder, variant, stack)
+            if tensors is None:  # the Flax era's msgpack
+                tensors = flax_leaves(read_flax_msgpack(folder / FLAX_WEIGHTS_NAME))[0]
         elif _reads_as_torch(path):
             tensors = _strip_prefix(load_torch_file(path))
         else:
@@ -36,9 +41,9 @@ def stored_dtype(path: pathlib.Path, *, variant: str | None = None) -> np.dtype 
 def _most_common_floating(tensors: Mapping[str, Any]) -> np.dtype | None:
     sizes: collections.Counter[str] = collections.Counter()
     for value in tensors.values():
-        name = _dtype_name(value)
+        name = dtype_name(value)
         if name in _FLOATING:
-            sizes[name] += int(np.prod(_shape_of(value)))
+            sizes[name] += int(np.prod(shape_of(value)))
     if not sizes:
         return None
     return np.dtype(jnp.dtype(sizes.most_common(1)[0][0]))
