@@ -52,7 +52,8 @@ def load_diffusers(
     subfolder: str | None = "vae",
     check_finite: bool = False,
 ) -> AutoencoderKL:
-    """Loads a diffusers `AutoencoderKL` folder.
+    """Loads a diffusers `AutoencoderKL` or `AutoencoderKLFlux2` folder (for FLUX.2 with
+    its BatchNorm statistics, `bn.running_mean` and `bn.running_var`).
 
     **Arguments:**
 
@@ -155,7 +156,9 @@ def save_diffusers(
 ) -> None:
     """Writes `model` as a diffusers model folder (`config.json` and
     `diffusion_pytorch_model[.variant].safetensors`) that
-    `diffusers.AutoencoderKL.from_pretrained` loads.
+    `diffusers.AutoencoderKL.from_pretrained` loads, or for FLUX.2
+    `diffusers.AutoencoderKLFlux2.from_pretrained` (with the BatchNorm statistics under
+    `bn.*`).
 
     Each file is written under a temporary name and renamed into place, weights first,
     so no file in `path` is ever half-written.
@@ -164,8 +167,14 @@ def save_diffusers(
 
     - `path`: the folder; created if missing.
     - `model`: an [`eqx_vae.AutoencoderKL`][].
-    - `dtype`: the dtype to store, e.g. `jnp.float16`; by default the model's.
+    - `dtype`: the dtype to store the floating-point arrays in, e.g. `jnp.float16`; by
+        default the model's. FLUX.2's `bn.num_batches_tracked` stays an int64.
     - `variant`: write `diffusion_pytorch_model.<variant>.safetensors`.
+
+    A model whose decoder is narrower than its encoder can be written only for FLUX.2:
+    diffusers' `AutoencoderKL` has no `decoder_block_out_channels`, so for other
+    families this raises a `ValueError` (use [`eqx_vae.save`][] or
+    [`eqx_vae.save_single_file`][]).
 
     The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
     versions, `save_diffusers(model, path)`, still works for one release with a
@@ -173,12 +182,22 @@ def save_diffusers(
     """
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
+    if model.config.patch_size is None and model.config.decoder_block_out_channels is not None:
+        raise ValueError(
+            "diffusers' AutoencoderKL has no `decoder_block_out_channels`, so it cannot "
+            f"load this model's decoder ({model.config.decoder_block_out_channels} against "
+            f"the encoder's {model.config.block_out_channels}); write it with `eqx_vae.save` "
+            "or `eqx_vae.save_single_file`."
+        )
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state_dict = to_diffusers_state_dict(model)
     if dtype is not None:
         np_dtype = np.dtype(jnp.dtype(dtype))
-        state_dict = {k: v.astype(np_dtype) for k, v in state_dict.items()}
+        state_dict = {
+            k: v if np.issubdtype(v.dtype, np.integer) else v.astype(np_dtype)
+            for k, v in state_dict.items()
+        }
     stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
     write_safetensors(folder / f"{stem}.safetensors", state_dict, metadata={"format": "pt"})
     config = model.config.to_dict()
