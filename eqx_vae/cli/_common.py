@@ -156,15 +156,17 @@ class Runner:
 
     def encode(self, image: np.ndarray) -> DiagonalGaussian:
         """The posterior of an image `(C, H, W)`; edges padded up to a multiple of the
-        spatial factor (the latent covers the padded image)."""
+        spatial factor times FLUX.2's latent patch (so that the latent can be scaled;
+        the latent covers the padded image)."""
         channels = self.model.in_channels
         if image.shape[0] != channels:
             raise ValueError(
                 f"The model encodes {channels}-channel images, got {image.shape[0]} channels."
             )
-        f = self.model.spatial_factor
+        ph, pw = self.model.config.latent_patch
+        fh, fw = self.model.spatial_factor * ph, self.model.spatial_factor * pw
         _, h, w = image.shape
-        padded = np.pad(image, ((0, 0), (0, -h % f), (0, -w % f)), mode="edge")
+        padded = np.pad(image, ((0, 0), (0, -h % fh), (0, -w % fw)), mode="edge")
         return self._encode(self.model, jnp.asarray(padded))
 
     def decode(self, z: Any) -> np.ndarray:

@@ -4,6 +4,7 @@ import argparse
 import json
 from typing import Any
 
+from .._latents import describe_convention
 from ._common import add_model_arguments, describe, load_model, model_name
 
 
@@ -25,15 +26,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config, indent=2))
         return 0
     c = model.config
-    if c.latents_mean is not None:
-        scaling = "(z - latents_mean) * scaling_factor / latents_std"
-    elif c.shift_factor is not None:
-        scaling = f"(z - {c.shift_factor}) * {c.scaling_factor}"
-    else:
-        scaling = f"z * {c.scaling_factor}"
     print(f"model: {model_name(args)}")
     print(describe(model))
-    print(f"latent scaling: {scaling}")
+    print(f"latent scaling: {describe_convention(c)}")
     print(f"force_upcast: {c.force_upcast}")
     print("config:")
     for key, value in config.items():

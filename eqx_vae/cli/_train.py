@@ -12,6 +12,7 @@ from .._autoencoder import AutoencoderKL
 from .._builtin import builtin_config
 from .._config import PRESETS, AutoencoderKLConfig
 from .._serialisation import save
+from .._state_dict import cast_floating
 from ._checks import ArgumentProblems
 from ._common import describe, load_model
 from ._convert import BUILTIN
@@ -253,7 +254,7 @@ def _starting_model(args: argparse.Namespace, key: Any) -> AutoencoderKL:
     if args.model is None:
         return AutoencoderKL(_new_config(args.new), key=key)
     vae = load_model(argparse.Namespace(model=args.model, preset=args.preset))
-    vae = jax.tree_util.tree_map(lambda x: x.astype(np.float32), vae)
+    vae = cast_floating(vae, np.float32)
     factor = vae.spatial_factor
     if args.crop_size % factor:
         raise ValueError(
