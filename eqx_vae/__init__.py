@@ -1,9 +1,10 @@
-"""The KL autoencoder of latent diffusion (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1)
-as Equinox modules."""
+"""The KL autoencoder of latent diffusion (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1,
+FLUX.2) as Equinox modules."""
 
 from . import metrics as metrics
 from ._attention import AttentionBlock as AttentionBlock
 from ._autoencoder import AutoencoderKL as AutoencoderKL
+from ._batch_norm import LatentBatchNorm as LatentBatchNorm
 from ._builtin import builtin_config as builtin_config, load_builtin as load_builtin
 from ._config import PRESETS as PRESETS, AutoencoderKLConfig as AutoencoderKLConfig
 from ._decoder import Decoder as Decoder

@@ -6,6 +6,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from . import _init as init
+from ._batch_norm import LatentBatchNorm
 from ._block import Step, block_step, conv_step, run_steps
 from ._checks import check_input
 from ._config import AutoencoderKLConfig
@@ -21,7 +22,9 @@ from ._scope import Scope
 
 class AutoencoderKL(eqx.Module):
     """The KL autoencoder of latent diffusion (Stable Diffusion 1.x/2.x, SDXL, SD3,
-    FLUX.1), with the structure and parameter names of diffusers' `AutoencoderKL`.
+    FLUX.1, FLUX.2), with the structure and parameter names of diffusers'
+    `AutoencoderKL` (and, for FLUX.2, `AutoencoderKLFlux2`, whose model also carries the
+    statistics of its latent BatchNorm, `bn`).
 
     Every method is unbatched: images are `(channels, height, width)`; use `jax.vmap`
     for batches. Images are in `[-1, 1]`. How a method runs (compute dtype,
@@ -43,6 +46,7 @@ class AutoencoderKL(eqx.Module):
     decoder: Decoder
     quant_conv: eqx.nn.Conv2d | None
     post_quant_conv: eqx.nn.Conv2d | None
+    bn: LatentBatchNorm | None
     config: AutoencoderKLConfig = eqx.field(static=True)
 
     def __init__(
@@ -60,7 +64,9 @@ class AutoencoderKL(eqx.Module):
             `quant_conv` and `post_quant_conv` are built from `jax.random.split(key, 4)`
             in that order, so `Encoder(..., key=jax.random.split(key, 4)[0])` equals
             `model.encoder`; the same key gives the same parameters eagerly, under
-            `jax.jit` and under `eqx.filter_eval_shape`.
+            `jax.jit` and under `eqx.filter_eval_shape`. FLUX.2's BatchNorm statistics
+            (`bn`, present when the config has a `patch_size`) start at mean 0 and
+            variance 1.
         """
         if not isinstance(config, AutoencoderKLConfig):
             raise TypeError(
@@ -83,7 +89,7 @@ class AutoencoderKL(eqx.Module):
         self.decoder = Decoder(
             c.latent_channels,
             c.out_channels,
-            c.block_out_channels,
+            c.decoder_channels,
             c.layers_per_block,
             c.norm_num_groups,
             c.mid_block_add_attention,
@@ -100,6 +106,13 @@ class AutoencoderKL(eqx.Module):
             init.conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, key=k_post)
             if c.use_post_quant_conv
             else None
+        )
+        self.bn = (
+            None
+            if c.patch_size is None
+            else LatentBatchNorm(
+                c.scaled_latent_channels, c.batch_norm_eps, c.batch_norm_momentum, dtype
+            )
         )
 
     @classmethod
@@ -262,24 +275,42 @@ class AutoencoderKL(eqx.Module):
 
     def scale_latents(
         self, z: Float[Array, "*batch {self.latent_channels} h w"]
-    ) -> Float[Array, "*batch {self.latent_channels} h w"]:
+    ) -> Float[
+        Array,
+        "*batch {self.config.scaled_latent_channels} "
+        "h//{self.config.latent_patch[0]} w//{self.config.latent_patch[1]}",
+    ]:
         """Maps a raw latent to the normalised latent a diffusion model is trained on,
         following the published pipelines:
 
         - `latents_mean`/`latents_std` set: `(z - mean) * scaling_factor / std`;
         - `shift_factor` set (SD3, FLUX.1): `(z - shift_factor) * scaling_factor`;
+        - FLUX.2 (a `patch_size`): each 2x2 patch folded into the channels, as
+            diffusers' `Flux2Pipeline` does (channel `4 * c + 2 * dy + dx` holds pixel
+            `(dy, dx)` of channel `c`'s patches), then normalised by the model's
+            BatchNorm statistics: `(z - bn.running_mean) / sqrt(bn.running_var + eps)`.
+            A `(C, h, w)` latent becomes `(4 * C, h / 2, w / 2)` (`(128, H / 16, W / 16)`
+            for FLUX.2's 32 channels and an `H x W` image); `h` and `w` must be even;
         - otherwise (SD 1.x/2.x, SDXL): `z * scaling_factor`.
 
-        Elementwise, so leading batch axes are allowed.
+        Leading batch axes are allowed: `(*batch, C, h, w)`.
         """
-        return scale_latents(self.config, z)
+        return scale_latents(self.config, self.bn, z)
 
     def unscale_latents(
-        self, z: Float[Array, "*batch {self.latent_channels} h w"]
-    ) -> Float[Array, "*batch {self.latent_channels} h w"]:
+        self,
+        z: Float[
+            Array,
+            "*batch {self.config.scaled_latent_channels} h w",
+        ],
+    ) -> Float[
+        Array,
+        "*batch {self.latent_channels} "
+        "{self.config.latent_patch[0]}*h {self.config.latent_patch[1]}*w",
+    ]:
         """The inverse of `scale_latents`: call it on a diffusion model's output before
-        `decode`."""
-        return unscale_latents(self.config, z)
+        `decode` (for FLUX.2, `(4 * C, h, w)` becomes `(C, 2 * h, 2 * w)`)."""
+        return unscale_latents(self.config, self.bn, z)
 
 
 def posterior(moments: Float[Array, "h w two_c"]) -> DiagonalGaussian:

@@ -15,7 +15,8 @@ _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 _CLASS_NAME = "AutoencoderKL"
 # diffusers' Flax model writes its own class name into the same config.
-_CLASS_NAMES = frozenset({_CLASS_NAME, "FlaxAutoencoderKL"})
+_FLAX_CLASS_NAME = "FlaxAutoencoderKL"
+_FLUX2_CLASS_NAME = "AutoencoderKLFlux2"
 
 # Keys that diffusers writes into `config.json` for its own bookkeeping. They carry no
 # architectural information, so they are accepted and dropped.
@@ -25,11 +26,46 @@ _BOOKKEEPING_KEYS = frozenset(
 
 _SD_CHANNELS = (128, 256, 512, 512)
 
+# The fields of diffusers' `AutoencoderKLFlux2`, in its signature's order, with the
+# defaults it fills in for keys a `config.json` leaves out.
+_FLUX2_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": (_DOWN_BLOCK,) * 4,
+    "up_block_types": (_UP_BLOCK,) * 4,
+    "block_out_channels": _SD_CHANNELS,
+    "decoder_block_out_channels": None,
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 32,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+    "batch_norm_eps": 1e-4,
+    "batch_norm_momentum": 0.1,
+    "patch_size": (2, 2),
+}
+# Fields of FLUX.2's latent BatchNorm, which diffusers' `AutoencoderKL` does not have.
+_BATCH_NORM_FIELDS = ("batch_norm_eps", "batch_norm_momentum", "patch_size")
+# The latent convention of the other families; FLUX.2's is its BatchNorm statistics.
+_SCALING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig:
     """The hyperparameters of an [`eqx_vae.AutoencoderKL`][], with exactly the field
-    names and defaults of diffusers' `AutoencoderKL` `config.json`.
+    names of diffusers' `AutoencoderKL` and `AutoencoderKLFlux2` `config.json`, and
+    `AutoencoderKL`'s defaults.
+
+    One config describes both families. `patch_size` says which: `None` (the default)
+    is diffusers' `AutoencoderKL` (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1), whose
+    latent convention is `scaling_factor`/`shift_factor`/`latents_mean`/`latents_std`;
+    a patch size is diffusers' `AutoencoderKLFlux2` (FLUX.2), whose model carries the
+    running statistics of a BatchNorm over the patchified latent, and whose latent
+    convention they are (see [`eqx_vae.AutoencoderKL.scale_latents`][]).
+    `class_name` names the family as diffusers does.
 
     The instance is frozen and hashable, so a model can carry it as a static field.
 
@@ -44,15 +80,33 @@ class AutoencoderKLConfig:
     - `act_fn`: only `"silu"` is used by any published model and supported here.
     - `latent_channels`: channels of the latent.
     - `norm_num_groups`: GroupNorm groups; must divide every entry of
-        `block_out_channels`.
+        `block_out_channels` and `decoder_block_out_channels`.
     - `sample_size`: the training resolution (informative only).
     - `scaling_factor`, `shift_factor`, `latents_mean`, `latents_std`: the latent
-        convention, applied by [`eqx_vae.AutoencoderKL.scale_latents`][].
+        convention of the `AutoencoderKL` family, applied by
+        [`eqx_vae.AutoencoderKL.scale_latents`][]. They do not apply to FLUX.2 (whose
+        latent convention is its BatchNorm statistics) and stay at their defaults there.
     - `force_upcast`: whether the published pipelines run this VAE in float32 even when
-        the diffusion model runs in half precision.
+        the diffusion model runs in half precision: a `float16` request computes in
+        float32. diffusers' `AutoencoderKLFlux2` has no such field, but FLUX.2's
+        published `config.json` carries `force_upcast: true`; eqx_vae honours it for
+        both families (and writes it for FLUX.2 only when it is `False`).
     - `use_quant_conv`, `use_post_quant_conv`: whether the 1x1 convolutions around the
         latent exist.
     - `mid_block_add_attention`: whether the mid blocks have self-attention.
+    - `decoder_block_out_channels`: the width of each decoder level, from the image
+        side, when the decoder is narrower (or wider) than the encoder; `None` for the
+        encoder's widths. As many levels as `block_out_channels`. Any family may have
+        one, but diffusers' `AutoencoderKL` cannot, so only FLUX.2 configs with one can
+        be written as diffusers folders.
+    - `patch_size`: `None`, or the `(height, width)` of the patches that FLUX.2's
+        latent is folded into before its BatchNorm (`(2, 2)` in diffusers and in every
+        published model): the family flag.
+    - `batch_norm_eps`: the epsilon of FLUX.2's latent BatchNorm (only with
+        `patch_size`).
+    - `batch_norm_momentum`: the momentum diffusers' BatchNorm would update its
+        statistics with (only with `patch_size`). Kept for diffusers' `config.json`;
+        eqx_vae never updates the statistics.
     """
 
     in_channels: int = 3
@@ -73,11 +127,16 @@ class AutoencoderKLConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    patch_size: tuple[int, int] | None = None
+    batch_norm_eps: float = 1e-4
+    batch_norm_momentum: float = 0.1
 
     def __post_init__(self):
         self._check_types()
         self._check_architecture()
         self._check_latent_convention()
+        self._check_batch_norm()
 
     def _put(self, name: str, value: Any) -> None:
         """Normalises a field of the frozen instance (lists to tuples, ints to floats)."""
@@ -91,6 +150,18 @@ class AutoencoderKLConfig:
                 raise ValueError(f"`{name}` must be a sequence of strings, got {value!r}.")
             put(name, tuple(value))
         put("block_out_channels", int_tuple("block_out_channels", self.block_out_channels))
+        if self.decoder_block_out_channels is not None:
+            put(
+                "decoder_block_out_channels",
+                int_tuple("decoder_block_out_channels", self.decoder_block_out_channels),
+            )
+        if self.patch_size is not None:
+            patch = int_tuple("patch_size", self.patch_size)
+            if len(patch) != 2:
+                raise ValueError(
+                    f"`patch_size` must be None or (height, width), got {self.patch_size!r}."
+                )
+            put("patch_size", patch)
         for name in (
             "in_channels",
             "out_channels",
@@ -128,13 +199,21 @@ class AutoencoderKLConfig:
                 )
         if self.act_fn != "silu":
             raise ValueError(f"`act_fn` must be 'silu', got {self.act_fn!r}.")
-        for channels in self.block_out_channels:
-            if channels % self.norm_num_groups != 0:
-                raise ValueError(
-                    f"`norm_num_groups={self.norm_num_groups}` does not divide the channel "
-                    f"count {channels} in `block_out_channels={self.block_out_channels}`; "
-                    "choose a number of groups that divides every level's width."
-                )
+        decoder = self.decoder_block_out_channels
+        if decoder is not None and len(decoder) != levels:
+            raise ValueError(
+                f"`decoder_block_out_channels={decoder}` has {len(decoder)} levels but "
+                f"`block_out_channels` has {levels}; the decoder must undo the encoder's "
+                f"{levels - 1} downsamplings, so give one width per level."
+            )
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            for channels in getattr(self, name) or ():
+                if channels % self.norm_num_groups != 0:
+                    raise ValueError(
+                        f"`norm_num_groups={self.norm_num_groups}` does not divide the "
+                        f"channel count {channels} in `{name}={getattr(self, name)}`; "
+                        "choose a number of groups that divides every level's width."
+                    )
 
     def _check_latent_convention(self) -> None:
         put = self._put
@@ -163,10 +242,58 @@ class AutoencoderKLConfig:
             put("latents_mean", mean)
             put("latents_std", std)
 
+    def _check_batch_norm(self) -> None:
+        put = self._put
+        put("batch_norm_eps", positive_float("batch_norm_eps", self.batch_norm_eps))
+        momentum = finite_float("batch_norm_momentum", self.batch_norm_momentum)
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"`batch_norm_momentum` must lie in [0, 1], got {momentum!r}.")
+        put("batch_norm_momentum", momentum)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.patch_size is None:
+            changed = [n for n in _BATCH_NORM_FIELDS if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(
+                    f"`{changed[0]}={getattr(self, changed[0])!r}` belongs to FLUX.2's latent "
+                    "BatchNorm, which only a config with a `patch_size` has; set "
+                    "`patch_size=(2, 2)` for the FLUX.2 family, or leave it at its default."
+                )
+            return
+        changed = [n for n in _SCALING_FIELDS if getattr(self, n) != defaults[n]]
+        if changed:
+            raise ValueError(
+                f"`{changed[0]}={getattr(self, changed[0])!r}` does not apply to the FLUX.2 "
+                f"family (`patch_size={self.patch_size}`): its latents are normalised by the "
+                "model's BatchNorm statistics. Leave it at its default, or set "
+                "`patch_size=None` for a scaled latent."
+            )
+
     @property
     def spatial_factor(self) -> int:
         """How many image pixels one latent pixel spans along each axis."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        """The width of each decoder level, from the image side."""
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def class_name(self) -> str:
+        """diffusers' class for this config: `"AutoencoderKLFlux2"` with a
+        `patch_size`, otherwise `"AutoencoderKL"`."""
+        return _CLASS_NAME if self.patch_size is None else _FLUX2_CLASS_NAME
+
+    @property
+    def latent_patch(self) -> tuple[int, int]:
+        """The patch a scaled latent's pixel folds: `patch_size`, or `(1, 1)`."""
+        return (1, 1) if self.patch_size is None else self.patch_size
+
+    @property
+    def scaled_latent_channels(self) -> int:
+        """Channels of the latent a diffusion model sees (`scale_latents`'s output):
+        `latent_channels` times the pixels of a patch."""
+        return self.latent_channels * self.latent_patch[0] * self.latent_patch[1]
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "AutoencoderKLConfig":
@@ -174,9 +301,15 @@ class AutoencoderKLConfig:
 
         **Arguments:**
 
-        - `config`: the parsed JSON (of an `AutoencoderKL` or a `FlaxAutoencoderKL`).
-            Bookkeeping keys (`_class_name`, `_diffusers_version`, `_name_or_path`, ...)
-            are accepted; any other key that is not a field raises.
+        - `config`: the parsed JSON. Its `_class_name` picks the family:
+            `"AutoencoderKL"` (also when absent, and `"FlaxAutoencoderKL"`, which has
+            the same fields) or `"AutoencoderKLFlux2"`, whose
+            missing keys take `AutoencoderKLFlux2`'s defaults (`latent_channels=32`,
+            `patch_size=(2, 2)`, ...), as diffusers fills them in. Bookkeeping keys
+            (`_diffusers_version`, `_name_or_path`, ...) are accepted; any other key
+            that is not a field of that class raises, and so does an `AutoencoderKL`
+            config with FLUX.2's BatchNorm fields, or a FLUX.2 config with a latent
+            scaling (diffusers would ignore either).
 
         **Returns:**
 
@@ -185,25 +318,60 @@ class AutoencoderKLConfig:
         if not isinstance(config, Mapping):
             raise ValueError(f"Expected a mapping of config keys, got {type(config).__name__}.")
         class_name = config.get("_class_name", _CLASS_NAME)
-        if class_name not in _CLASS_NAMES:
+        if class_name == _FLAX_CLASS_NAME:
+            class_name = _CLASS_NAME
+        if class_name not in (_CLASS_NAME, _FLUX2_CLASS_NAME):
             raise ValueError(
-                f"This config describes a {class_name!r}; eqx_vae implements {_CLASS_NAME!r}."
+                f"This config describes a {class_name!r}; eqx_vae implements {_CLASS_NAME!r} "
+                f"and {_FLUX2_CLASS_NAME!r}."
             )
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if k not in fields and k not in _BOOKKEEPING_KEYS)
+        if class_name == _FLUX2_CLASS_NAME:
+            known = set(_FLUX2_DEFAULTS) | {"force_upcast"}
+            values = dict(_FLUX2_DEFAULTS)
+        else:
+            known = fields - set(_BATCH_NORM_FIELDS)
+            values = {}
+        unknown = sorted(k for k in config if k not in known and k not in _BOOKKEEPING_KEYS)
         if unknown:
+            misplaced = [k for k in unknown if k in fields]
+            if misplaced:
+                raise ValueError(
+                    f"{class_name} configs have no {misplaced}: "
+                    + (
+                        "the FLUX.2 family's latent convention is its BatchNorm statistics, "
+                        "not a scaling; remove these keys."
+                        if class_name == _FLUX2_CLASS_NAME
+                        else f"they belong to FLUX.2's latent BatchNorm; set `_class_name` "
+                        f"to {_FLUX2_CLASS_NAME!r} for that family."
+                    )
+                )
             raise ValueError(
-                f"Unknown AutoencoderKL config keys {unknown}; known keys are {sorted(fields)}."
+                f"Unknown {class_name} config keys {unknown}; known keys are {sorted(known)}."
             )
-        return cls(**{k: _tuples(v) for k, v in config.items() if k in fields})
+        values.update({k: _tuples(v) for k, v in config.items() if k in known})
+        if class_name == _FLUX2_CLASS_NAME and values["patch_size"] is None:
+            raise ValueError(
+                f"`patch_size` must be (height, width) in an {_FLUX2_CLASS_NAME} config, got None."
+            )
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as diffusers writes it to `config.json` (lists, not tuples,
-        and `_class_name`)."""
-        out: dict[str, Any] = {"_class_name": _CLASS_NAME}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+        and `_class_name`): the fields of `AutoencoderKL` (and
+        `decoder_block_out_channels` when set), or for FLUX.2 those of
+        `AutoencoderKLFlux2` (and `force_upcast` when it is `False`)."""
+        out: dict[str, Any] = {"_class_name": self.class_name}
+        if self.patch_size is None:
+            names = [f.name for f in dataclasses.fields(self)]
+            names = [n for n in names if n not in _BATCH_NORM_FIELDS]
+            if self.decoder_block_out_channels is None:
+                names.remove("decoder_block_out_channels")
+        else:
+            names = list(_FLUX2_DEFAULTS) + ([] if self.force_upcast else ["force_upcast"])
+        for name in names:
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
     def replace(self, **changes: Any) -> "AutoencoderKLConfig":
@@ -248,8 +416,16 @@ class AutoencoderKLConfig:
             latents_std=(8.4927, 5.9022, 6.5498, 5.2299),
         )
 
+    @classmethod
+    def flux2(cls) -> "AutoencoderKLConfig":
+        """FLUX.2 (dev and klein share it): 32 latent channels, quant convs, and a
+        BatchNorm over the 2x2-patchified latent (eps `1e-4`) whose running statistics
+        normalise what the transformer sees: 128 channels at a sixteenth of the image's
+        height and width."""
+        return cls(**_sd_architecture(32), sample_size=1024, patch_size=(2, 2))
 
-PRESETS = ("sd15", "sd2", "sdxl", "sd3", "flux1", "playground25")
+
+PRESETS = ("sd15", "sd2", "sdxl", "sd3", "flux1", "playground25", "flux2")
 
 
 def _sd_architecture(latent_channels: int) -> dict[str, Any]:

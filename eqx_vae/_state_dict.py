@@ -22,6 +22,10 @@ _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_a
 # How many problems of each kind an error message lists before summarising the rest.
 _MAX_LISTED = 50
 
+# Parameters a checkpoint may leave out, and the value they then take. PyTorch fills in
+# a BatchNorm's `num_batches_tracked` the same way (FLUX.2's original file may lack it).
+_OPTIONAL = {"bn.num_batches_tracked": 0}
+
 
 def leaf_key(path: tuple[Any, ...]) -> str:
     """The dotted diffusers-style name of a pytree path, e.g.
@@ -74,7 +78,8 @@ def from_diffusers_state_dict(
     The model structure comes from an `eqx.filter_eval_shape` skeleton, so no random
     initialisation is computed. Both attention naming schemes are accepted
     (`to_q`/`to_k`/`to_v`/`to_out.0`, and the older `query`/`key`/`value`/`proj_attn`).
-    Names and shapes are all checked before any data is converted.
+    Names and shapes are all checked before any data is converted. FLUX.2's
+    `bn.num_batches_tracked` may be left out (it is then 0, as in PyTorch).
 
     **Arguments:**
 
@@ -83,7 +88,9 @@ def from_diffusers_state_dict(
         `read()`, as the file loaders use).
     - `config`: the model's [`eqx_vae.AutoencoderKLConfig`][], or the contents of its
         `config.json`.
-    - `dtype`: parameter dtype of the model; float32 by default.
+    - `dtype`: dtype of the model's floating-point arrays (the parameters, and FLUX.2's
+        BatchNorm statistics); float32 by default. The integer `bn.num_batches_tracked`
+        stays an int32.
     - `check_finite`: also refuse parameters that contain NaN or infinity.
 
     **Returns:**
@@ -106,16 +113,22 @@ def from_diffusers_state_dict(
     misshaped: list[str] = []
     for name, leaf in expected:
         if name not in tensors:
+            if name in _OPTIONAL:
+                tensors[name] = np.full(leaf.shape, _OPTIONAL[name], leaf.dtype)
+                continue
             missing.append(f"{name}: expected shape {torch_shape(name, leaf.shape)}")
             continue
         shape = shape_of(tensors[name])
+        found = dtype_name(tensors[name])
         if shape not in (leaf.shape, torch_shape(name, leaf.shape)):
             misshaped.append(
                 f"{name}: checkpoint has shape {shape}, model expects "
                 f"{torch_shape(name, leaf.shape)}"
             )
-        elif dtype_name(tensors[name]) not in FLOATING:
-            problems.append(f"{name}: dtype {dtype_name(tensors[name])} is not floating point")
+        elif _is_integer(leaf.dtype) and found not in _INTEGER:
+            problems.append(f"{name}: dtype {found} is not an integer dtype")
+        elif not _is_integer(leaf.dtype) and found not in FLOATING:
+            problems.append(f"{name}: dtype {found} is not floating point")
     known = {name for name, _ in expected}
     unexpected = [
         f"{name}: shape {shape_of(value)}" for name, value in tensors.items() if name not in known
@@ -144,17 +157,21 @@ def fill_skeleton(
     labels: Mapping[str, str] | None = None,
 ) -> AutoencoderKL:
     """The model whose parameters are `tensors`, by diffusers name, whose names and
-    shapes the caller has checked; each is converted to `dtype` (float32 by default) on
-    its own, so at most one parameter exists twice at a time. `labels` gives the name a
-    non-finite parameter is reported under, where the caller's names are not
-    diffusers'."""
+    shapes the caller has checked; each floating-point one is converted to `dtype`
+    (float32 by default) on its own (integer ones keep the model's dtype), so at most
+    one parameter exists twice at a time. `labels` gives the name a non-finite
+    parameter is reported under, where the caller's names are not diffusers'."""
     skeleton = abstract_model(config)
-    out_dtype = np.dtype(jnp.dtype(jnp.float32 if dtype is None else dtype))
+    float_dtype = np.dtype(jnp.dtype(jnp.float32 if dtype is None else dtype))
     leaves = []
     non_finite = []
     for name, leaf in named_parameters(skeleton):
         array, owned = _materialise(tensors[name])
         array = array.reshape(leaf.shape)
+        out_dtype = np.dtype(leaf.dtype) if _is_integer(leaf.dtype) else float_dtype
+        if _is_integer(out_dtype) and np.any(array != array.astype(out_dtype)):
+            non_finite.append(f"{name}: values {array} do not fit in {out_dtype}")
+            continue
         if array.dtype != out_dtype:
             converted = aligned_empty(array.shape, out_dtype)
             np.copyto(converted, array, casting="unsafe")
@@ -171,12 +188,27 @@ def fill_skeleton(
 
 
 def to_diffusers_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
-    """The model's parameters under diffusers' names and in PyTorch's shapes, as NumPy
-    arrays; the inverse of [`eqx_vae.from_diffusers_state_dict`][]."""
-    return {
-        name: np.asarray(leaf).reshape(torch_shape(name, leaf.shape))
-        for name, leaf in named_parameters(model)
-    }
+    """The model's parameters (and FLUX.2's BatchNorm statistics) under diffusers' names
+    and in PyTorch's shapes, as NumPy arrays; the inverse of
+    [`eqx_vae.from_diffusers_state_dict`][]. Integers are int64, as PyTorch keeps
+    `num_batches_tracked`."""
+    out = {}
+    for name, leaf in named_parameters(model):
+        array = np.asarray(leaf).reshape(torch_shape(name, leaf.shape))
+        out[name] = array.astype(np.int64) if _is_integer(array.dtype) else array
+    return out
+
+
+def cast_floating(tree: Any, dtype: DTypeLike) -> Any:
+    """`tree` with its floating-point arrays in `dtype`; integer arrays (a BatchNorm's
+    `num_batches_tracked`) and everything else unchanged."""
+
+    def cast(leaf: Any) -> Any:
+        if _is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map(cast, tree)
 
 
 def _rename_old_attention(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -217,14 +249,21 @@ def raise_if_problems(
             tail = f"\n    ... and {more} more" if more > 0 else ""
             sections.append(f"  {len(items)} {title}:\n{listed}{tail}")
     if sections:
-        raise CheckpointError(
-            f"{headline} (latent_channels={config.latent_channels}, "
-            f"block_out_channels={config.block_out_channels}, "
-            f"layers_per_block={config.layers_per_block}, "
-            f"use_quant_conv={config.use_quant_conv}, "
-            f"use_post_quant_conv={config.use_post_quant_conv}, "
-            f"mid_block_add_attention={config.mid_block_add_attention}):\n" + "\n".join(sections)
-        )
+        fields = [
+            f"latent_channels={config.latent_channels}",
+            f"block_out_channels={config.block_out_channels}",
+            f"layers_per_block={config.layers_per_block}",
+        ]
+        if config.decoder_block_out_channels is not None:
+            fields.append(f"decoder_block_out_channels={config.decoder_block_out_channels}")
+        if config.patch_size is not None:
+            fields.append(f"patch_size={config.patch_size}")
+        fields += [
+            f"use_quant_conv={config.use_quant_conv}",
+            f"use_post_quant_conv={config.use_post_quant_conv}",
+            f"mid_block_add_attention={config.mid_block_add_attention}",
+        ]
+        raise CheckpointError(f"{headline} ({', '.join(fields)}):\n" + "\n".join(sections))
 
 
 def _is_array(leaf: Any) -> bool:
@@ -232,6 +271,11 @@ def _is_array(leaf: Any) -> bool:
 
 
 FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
+_INTEGER = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+
+
+def _is_integer(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer)
 
 
 def shape_of(value: Any) -> tuple[int, ...]:

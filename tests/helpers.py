@@ -45,13 +45,21 @@ def load_fixture(path: pathlib.Path) -> tuple[eqx_vae.AutoencoderKLConfig, dict,
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     config = eqx_vae.AutoencoderKLConfig.from_dict(json.loads(str(arrays.pop("config"))))
-    state_dict = {
-        k.removeprefix("param/"): v.astype(np.float32)
+    return (
+        config,
+        parameters_of(arrays),
+        {k: v for k, v in arrays.items() if not k.startswith("param/")},
+    )
+
+
+def parameters_of(arrays: dict) -> dict[str, np.ndarray]:
+    """The `param/` arrays of a reference as a diffusers state dict: floating ones in
+    float32, integer ones (a BatchNorm's batch count) as they are."""
+    return {
+        k.removeprefix("param/"): v if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32)
         for k, v in arrays.items()
         if k.startswith("param/")
     }
-    rest = {k: v for k, v in arrays.items() if not k.startswith("param/")}
-    return config, state_dict, rest
 
 
 def require_torch():

@@ -3,7 +3,8 @@ diffusers' PyTorch AutoencoderKL for each case in `parity_cases.py`.
 
 Run from the repository root with the `parity` extra installed:
 
-    python tests/make_fixtures.py
+    python tests/make_fixtures.py                          # every case
+    python tests/make_fixtures.py flux2_narrow_decoder     # only the cases named
 """
 
 import json
@@ -20,12 +21,17 @@ from parity_cases import CASES, diffusers_reference
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     import diffusers
     import torch
 
+    unknown = set(names) - {case.name for case in CASES}
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}")
     FIXTURES.mkdir(exist_ok=True)
     for seed, case in enumerate(CASES):
+        if names and case.name not in names:
+            continue
         arrays = diffusers_reference(case, seed)
         path = FIXTURES / f"parity_{case.name}.npz"
         arrays.update(
@@ -38,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

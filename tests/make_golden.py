@@ -14,19 +14,20 @@ from eqx_vae._state_dict import abstract_model, named_parameters
 
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
+PRESETS_WITH_GOLDEN = ("sd15", "flux1", "flux2")
 
 
 def golden_lines(preset: str) -> list[str]:
     config = getattr(eqx_vae.AutoencoderKLConfig, preset)()
     return [
-        f"{name} {'x'.join(map(str, leaf.shape))}"
+        f"{name} {'x'.join(map(str, leaf.shape)) or '()'}"
         for name, leaf in named_parameters(abstract_model(config))
     ]
 
 
 def main() -> None:
     GOLDEN.mkdir(exist_ok=True)
-    for preset in ("sd15", "flux1"):
+    for preset in PRESETS_WITH_GOLDEN:
         path = GOLDEN / f"parameters_{preset}.txt"
         path.write_text("\n".join(golden_lines(preset)) + "\n")
         print(f"wrote {path}")

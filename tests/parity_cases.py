@@ -1,11 +1,16 @@
-"""Small AutoencoderKL configurations that between them exercise every flag, the
-random weights used for them, and the diffusers reference computation.
+"""Small AutoencoderKL (and AutoencoderKLFlux2) configurations that between them
+exercise every flag, the random weights used for them, and the diffusers reference
+computation.
 
 Shared by the live parity tests and by `make_fixtures.py`, which stores the
 reference outputs so that parity is also checked where torch is not installed.
 """
 
+import ast
 import dataclasses
+import importlib.util
+import pathlib
+import types
 from typing import Any
 
 import numpy as np
@@ -104,7 +109,24 @@ CASES = (
         ),
         (3, 16, 32),
     ),
+    Case(
+        "flux2_narrow_decoder",
+        _config(
+            3,
+            _class_name="AutoencoderKLFlux2",
+            block_out_channels=[16, 32, 32],
+            decoder_block_out_channels=[8, 16, 16],
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=8,
+        ),
+        (3, 24, 40),
+    ),
 )
+
+
+def is_flux2(case: Case) -> bool:
+    return case.config.get("_class_name") == "AutoencoderKLFlux2"
 
 
 def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
@@ -112,12 +134,20 @@ def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str
     activations stay of order one, with non-trivial GroupNorm affine parameters.
 
     The values are representable in float16 (so fixtures can store them in half the
-    space) and returned as float32."""
+    space) and returned as float32; FLUX.2's BatchNorm gets statistics far from PyTorch's
+    initial ones (a positive variance) and an int64 batch count."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in sorted(shapes.items()):
         is_norm = "norm" in name.rsplit(".", 2)[-2]
-        if name.endswith(".bias"):
+        if name.endswith(".num_batches_tracked"):
+            out[name] = np.array(int(rng.integers(1, 10**6)), np.int64).reshape(shape)
+            continue
+        if name.endswith(".running_var"):
+            value = np.exp(rng.standard_normal(shape))
+        elif name.endswith(".running_mean"):
+            value = 0.5 * rng.standard_normal(shape)
+        elif name.endswith(".bias"):
             value = 0.1 * rng.standard_normal(shape)
         elif is_norm:
             value = 1.0 + 0.1 * rng.standard_normal(shape)
@@ -143,14 +173,14 @@ def inputs(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def diffusers_model(config: dict[str, Any], seed: int):
-    """A diffusers `AutoencoderKL` with `random_state_dict` weights, in eval mode."""
+    """A diffusers `AutoencoderKL` (or `AutoencoderKLFlux2`, as the config's `_class_name`
+    says) with `random_state_dict` weights, in eval mode."""
+    import diffusers
     import torch
-    from diffusers.models.autoencoders.autoencoder_kl import (
-        AutoencoderKL as TorchAutoencoderKL,
-    )
 
     torch.manual_seed(0)
-    model = TorchAutoencoderKL(**config).eval()
+    cls = getattr(diffusers, config.get("_class_name", "AutoencoderKL"))
+    model = cls(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     weights = random_state_dict(shapes, seed)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
@@ -176,11 +206,63 @@ def torch_outputs(model, image: np.ndarray, latent: np.ndarray) -> dict[str, np.
     }
 
 
+def flux2_pipeline_functions() -> dict[str, Any]:
+    """diffusers' `Flux2Pipeline._encode_vae_image` (the posterior mode, patchified and
+    normalised by the VAE's BatchNorm statistics), `_patchify_latents`,
+    `_unpatchify_latents` and `retrieve_latents`, taken from the pipeline's source: the
+    pipeline module itself imports transformers, which the parity tests do not need."""
+    import torch
+
+    spec = importlib.util.find_spec("diffusers")
+    assert spec is not None and spec.origin is not None
+    path = pathlib.Path(spec.origin).parent / "pipelines" / "flux2" / "pipeline_flux2.py"
+    wanted = {"retrieve_latents", "_encode_vae_image", "_patchify_latents", "_unpatchify_latents"}
+    functions = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef) and node.name in wanted:
+            node.decorator_list = []  # the staticmethods become plain functions
+            functions.append(node)
+    namespace: dict[str, Any] = {"torch": torch}
+    exec(compile(ast.Module(body=functions, type_ignores=[]), str(path), "exec"), namespace)
+    assert wanted <= set(namespace), sorted(wanted - set(namespace))
+    return {name: namespace[name] for name in wanted}
+
+
+def flux2_pipeline_outputs(model, image: np.ndarray, scaled: np.ndarray) -> dict[str, np.ndarray]:
+    """What `Flux2Pipeline` computes around the VAE: the normalised, patchified latent of
+    an image (`_encode_vae_image`), and the raw latent of a normalised one (the lines of
+    `Flux2Pipeline.__call__` before `vae.decode`: denormalise, `_unpatchify_latents`)."""
+    import torch
+
+    pipeline = flux2_pipeline_functions()
+    fake = types.SimpleNamespace(vae=model, _patchify_latents=pipeline["_patchify_latents"])
+    with torch.no_grad():
+        encoded = pipeline["_encode_vae_image"](fake, torch.from_numpy(image)[None], None)
+        latents = torch.from_numpy(scaled)[None]
+        mean = model.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(model.bn.running_var.view(1, -1, 1, 1) + model.config.batch_norm_eps)
+        unscaled = pipeline["_unpatchify_latents"](latents * std + mean)
+    return {"scaled": encoded[0].numpy(), "unscaled": unscaled[0].numpy()}
+
+
 def diffusers_reference(case: Case, seed: int) -> dict[str, np.ndarray]:
     """Builds the diffusers model for `case` with the random weights, and returns the
-    weights (prefixed `param/`), the inputs and diffusers' outputs."""
+    weights (prefixed `param/`, floating ones as float16), the inputs and diffusers'
+    outputs (for FLUX.2 also the pipeline's latent normalisation: `scaled` of the image,
+    `unscaled` of the input `scaled_latent`)."""
     model = diffusers_model(case.config, seed)
     image, latent = inputs(case, seed)
-    out = {f"param/{k}": v.numpy().astype(np.float16) for k, v in model.state_dict().items()}
+    out = {
+        f"param/{k}": v.numpy() if not v.is_floating_point() else v.numpy().astype(np.float16)
+        for k, v in model.state_dict().items()
+    }
     out.update(image=image, latent=latent, **torch_outputs(model, image, latent))
+    if is_flux2(case):
+        rng = np.random.default_rng(seed + 2)
+        c, h, w = latent.shape
+        scaled_latent = rng.standard_normal((4 * c, h // 2, w // 2)).astype(np.float32)
+        out.update(
+            scaled_latent=scaled_latent,
+            **flux2_pipeline_outputs(model, image, scaled_latent),
+        )
     return out

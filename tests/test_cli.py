@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from helpers import FIXTURES, require, small_config
 
 import eqx_vae
+from eqx_vae.interop import write_safetensors
 
 
 def run(*args, check=True, cwd=None):
@@ -362,6 +364,42 @@ def test_encode_then_decode(model, tmp_path):
     eqx_vae.save_single_file(tmp_path / "weights.safetensors", model)
     result = run("decode", tmp_path / "weights.safetensors", tmp_path / "x.png", *m, check=False)
     assert result.returncode == 1 and "no tensor named 'latents'" in result.stderr
+
+
+@pytest.mark.slow
+def test_flux2_latents_are_patchified_and_normalised(tmp_path):
+    from eqx_vae.interop._safetensors import SafetensorsFile
+
+    config = small_config(patch_size=(2, 2), decoder_block_out_channels=(8, 16))
+    flux2 = eqx_vae.AutoencoderKL(config, key=jax.random.key(3))
+    flux2 = eqx.tree_at(lambda m: m.bn.running_var, flux2, jax.numpy.linspace(0.5, 2.0, 16))
+    eqx_vae.save(tmp_path / "m.eqx", flux2)
+    m = ("--model", tmp_path / "m.eqx")
+    image = _photo(tmp_path / "in.png", 30, 22)  # padded to multiples of 4 (2 x 2 patches)
+    run("encode", image, tmp_path / "z.safetensors", *m)
+    with SafetensorsFile(tmp_path / "z.safetensors") as f:
+        z = f["latents"].read()
+        assert json.loads(f.metadata["scaling"]) == {"patch_size": [2, 2], "batch_norm_eps": 1e-4}
+    assert z.shape == (1, 16, 8, 6)
+    padded = np.pad(_read(image), ((0, 0), (0, 2), (0, 2)), mode="edge")
+    expected = flux2.scale_latents(flux2.encode(jax.numpy.asarray(padded)).mode())
+    np.testing.assert_allclose(z[0], expected, rtol=1e-5, atol=1e-5)
+    run("decode", tmp_path / "z.safetensors", tmp_path / "back.png", *m)
+    run("reconstruct", image, tmp_path / "direct.png", *m)
+    assert (
+        np.max(np.abs(_read(tmp_path / "back.png") - _read(tmp_path / "direct.png")))
+        <= 1.5 / 127.5
+    )
+    run("encode", image, tmp_path / "raw.safetensors", *m, "--raw")
+    with SafetensorsFile(tmp_path / "raw.safetensors") as f:
+        assert f["latents"].shape == (1, 4, 16, 12)
+    run("decode", tmp_path / "raw.safetensors", tmp_path / "raw.png", *m)
+    # A raw-sized latent that claims to be scaled.
+    write_safetensors(tmp_path / "wrong.safetensors", {"latents": np.zeros((1, 4, 8, 6), "f4")})
+    result = run("decode", tmp_path / "wrong.safetensors", tmp_path / "x.png", *m, check=False)
+    assert result.returncode == 1 and "scaled latents of shape (16, h, w)" in result.stderr
+    out = run("info", *m).stdout
+    assert "2x2 patches folded into the channels" in out
 
 
 @pytest.mark.slow

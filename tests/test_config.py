@@ -21,18 +21,30 @@ def test_defaults_are_diffusers_defaults():
     assert c.use_quant_conv and c.use_post_quant_conv and c.mid_block_add_attention
 
 
+def _signature_defaults(cls) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        k: tuple(p.default) if isinstance(p.default, list) else p.default
+        for k, p in params.items()
+        if k != "self"
+    }
+
+
 @pytest.mark.torch
 def test_fields_and_defaults_match_diffusers_signature():
     _, diffusers = require_torch()
-    params = inspect.signature(diffusers.AutoencoderKL.__init__).parameters
-    theirs = {k: p.default for k, p in params.items() if k != "self"}
+    theirs = _signature_defaults(diffusers.AutoencoderKL)
+    flux2 = _signature_defaults(diffusers.AutoencoderKLFlux2)
     ours = {f.name: f.default for f in dataclasses.fields(AutoencoderKLConfig)}
-    assert set(ours) == set(theirs)
-    for name, default in ours.items():
-        expected = theirs[name]
-        if isinstance(expected, list):
-            expected = tuple(expected)
-        assert default == expected, name
+    # Every field is one of the two classes'; AutoencoderKL's have its defaults.
+    assert set(ours) == set(theirs) | set(flux2)
+    for name, expected in theirs.items():
+        assert ours[name] == expected, name
+    # An AutoencoderKLFlux2 config.json that leaves keys out gets that class's defaults.
+    config = AutoencoderKLConfig.from_dict({"_class_name": "AutoencoderKLFlux2"})
+    for name, expected in flux2.items():
+        assert getattr(config, name) == expected, name
+    assert config == AutoencoderKLConfig.flux2()
 
 
 @pytest.mark.torch
@@ -41,17 +53,123 @@ def test_presets_are_accepted_by_diffusers(preset):
     _, diffusers = require_torch()
     config = getattr(AutoencoderKLConfig, preset)()
     kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-    theirs = diffusers.AutoencoderKL.from_config(kwargs).config
-    assert AutoencoderKLConfig.from_dict(dict(theirs)) == config
+    theirs = getattr(diffusers, config.class_name).from_config(kwargs).config
+    # diffusers adds the class name when it writes `config.json`.
+    assert AutoencoderKLConfig.from_dict({"_class_name": config.class_name, **theirs}) == config
 
 
 @pytest.mark.parametrize("preset", eqx_vae.PRESETS)
 def test_dict_round_trip(preset):
     config = getattr(AutoencoderKLConfig, preset)()
     as_json = json.loads(json.dumps(config.to_dict()))
-    assert as_json["_class_name"] == "AutoencoderKL"
+    family = "AutoencoderKLFlux2" if preset == "flux2" else "AutoencoderKL"
+    assert as_json["_class_name"] == family
     assert AutoencoderKLConfig.from_dict(as_json) == config
     assert hash(AutoencoderKLConfig.from_dict(as_json)) == hash(config)
+
+
+def test_earlier_families_write_the_same_config_json():
+    """The new fields stay out of the other families' `config.json` (and eqx_vae
+    checkpoint headers), which are what they were."""
+    keys = [
+        "_class_name",
+        "in_channels",
+        "out_channels",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "act_fn",
+        "latent_channels",
+        "norm_num_groups",
+        "sample_size",
+        "scaling_factor",
+        "shift_factor",
+        "latents_mean",
+        "latents_std",
+        "force_upcast",
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+    ]
+    for preset in eqx_vae.PRESETS:
+        if preset != "flux2":
+            assert list(getattr(AutoencoderKLConfig, preset)().to_dict()) == keys
+
+
+def test_flux2_config_dict():
+    config = AutoencoderKLConfig.flux2()
+    assert config.class_name == "AutoencoderKLFlux2"
+    assert (config.latent_channels, config.patch_size, config.batch_norm_eps) == (32, (2, 2), 1e-4)
+    assert config.use_quant_conv and config.use_post_quant_conv and config.force_upcast
+    assert (config.spatial_factor, config.latent_patch, config.scaled_latent_channels) == (
+        8,
+        (2, 2),
+        128,
+    )
+    assert config.decoder_channels == config.block_out_channels
+    as_dict = config.to_dict()
+    assert list(as_dict) == [
+        "_class_name",
+        "in_channels",
+        "out_channels",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "decoder_block_out_channels",
+        "layers_per_block",
+        "act_fn",
+        "latent_channels",
+        "norm_num_groups",
+        "sample_size",
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+        "batch_norm_eps",
+        "batch_norm_momentum",
+        "patch_size",
+    ]
+    assert as_dict["patch_size"] == [2, 2] and as_dict["decoder_block_out_channels"] is None
+    # `force_upcast` is written only when it is not the published value.
+    no_upcast = config.replace(force_upcast=False)
+    assert no_upcast.to_dict()["force_upcast"] is False
+    assert AutoencoderKLConfig.from_dict(no_upcast.to_dict()) == no_upcast
+    narrow = config.replace(decoder_block_out_channels=(64, 128, 256, 256))
+    assert narrow.decoder_channels == (64, 128, 256, 256)
+    assert AutoencoderKLConfig.from_dict(narrow.to_dict()) == narrow
+    other = AutoencoderKLConfig.sd15()
+    assert (other.class_name, other.latent_patch, other.scaled_latent_channels) == (
+        "AutoencoderKL",
+        (1, 1),
+        4,
+    )
+
+
+def test_published_flux2_config_json():
+    """FLUX.2-dev's `vae/config.json` as published (with the legacy `force_upcast`,
+    which diffusers' AutoencoderKLFlux2 no longer declares)."""
+    published = {
+        "_class_name": "AutoencoderKLFlux2",
+        "_diffusers_version": "0.36.0.dev0",
+        "act_fn": "silu",
+        "batch_norm_eps": 0.0001,
+        "batch_norm_momentum": 0.1,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": 32,
+        "layers_per_block": 2,
+        "mid_block_add_attention": True,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "patch_size": [2, 2],
+        "sample_size": 1024,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "use_post_quant_conv": True,
+        "use_quant_conv": True,
+    }
+    assert AutoencoderKLConfig.from_dict(published) == AutoencoderKLConfig.flux2()
 
 
 def test_preset_values():
@@ -77,6 +195,10 @@ def test_preset_values():
     assert pg.scaling_factor == 0.5
     assert pg.latents_mean == (-1.6574, 1.886, -1.383, 2.5155)
     assert pg.latents_std == (8.4927, 5.9022, 6.5498, 5.2299)
+    flux2 = AutoencoderKLConfig.flux2()
+    assert flux2.block_out_channels == (128, 256, 512, 512) and flux2.layers_per_block == 2
+    assert (flux2.latent_channels, flux2.sample_size, flux2.norm_num_groups) == (32, 1024, 32)
+    assert flux2.batch_norm_momentum == 0.1 and flux2.mid_block_add_attention
 
 
 def test_bookkeeping_keys_accepted():
@@ -112,6 +234,18 @@ def test_bookkeeping_keys_accepted():
         ({"use_quant_conv": "yes"}, "use_quant_conv"),
         ({"sample_size": [1, 2, 3]}, "sample_size"),
         ({"block_out_channels": []}, "at least one level"),
+        ({"patch_size": [2, 2]}, r"AutoencoderKL configs have no \['patch_size'\].*Flux2"),
+        ({"batch_norm_eps": 1e-5}, "batch_norm_eps"),
+        ({"decoder_block_out_channels": [64, 64]}, r"has 2 levels but .* has 1"),
+        ({"decoder_block_out_channels": [48]}, r"norm_num_groups=32.*48.*decoder_block_out"),
+        ({"decoder_block_out_channels": [0]}, "decoder_block_out_channels"),
+        ({"_class_name": "AutoencoderKLFlux2", "scaling_factor": 0.3611}, "BatchNorm statistics"),
+        ({"_class_name": "AutoencoderKLFlux2", "shift_factor": 0.1}, r"no \['shift_factor'\]"),
+        ({"_class_name": "AutoencoderKLFlux2", "patch_size": None}, "got None"),
+        ({"_class_name": "AutoencoderKLFlux2", "patch_size": [2, 2, 2]}, "patch_size"),
+        ({"_class_name": "AutoencoderKLFlux2", "batch_norm_eps": 0}, "batch_norm_eps"),
+        ({"_class_name": "AutoencoderKLFlux2", "batch_norm_momentum": 2}, r"\[0, 1\]"),
+        ({"_class_name": "AutoencoderKLFlux2", "unknown": 1}, r"Unknown AutoencoderKLFlux2.*"),
     ],
 )
 def test_invalid_configs_raise_naming_the_value(config, match, without_typechecks):
@@ -129,3 +263,11 @@ def test_replace_validates():
     assert config.replace(latent_channels=16).latent_channels == 16
     with pytest.raises(ValueError, match="norm_num_groups"):
         config.replace(norm_num_groups=48)
+    # Each family's latent convention only: no BatchNorm without a patch size, no scaling
+    # with one.
+    with pytest.raises(ValueError, match=r"`batch_norm_momentum=0.2` belongs to FLUX.2"):
+        config.replace(batch_norm_momentum=0.2)
+    flux2 = AutoencoderKLConfig.flux2()
+    with pytest.raises(ValueError, match=r"`latents_mean=.*does not apply to the FLUX.2 family"):
+        flux2.replace(latents_mean=(0.0,) * 32, latents_std=(1.0,) * 32)
+    assert flux2.replace(patch_size=None).class_name == "AutoencoderKL"

@@ -1,12 +1,13 @@
-"""Parity with diffusers' PyTorch AutoencoderKL: against committed fixtures (no torch
-needed) and live (with torch and diffusers installed)."""
+"""Parity with diffusers' PyTorch AutoencoderKL and AutoencoderKLFlux2 (with the FLUX.2
+pipeline's latent normalisation): against committed fixtures (no torch needed) and live
+(with torch and diffusers installed)."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import FIXTURES, RTOL, assert_close, load_fixture, require_torch
+from helpers import FIXTURES, RTOL, assert_close, load_fixture, parameters_of, require_torch
 from parity_cases import CASES, diffusers_reference
 
 import eqx_vae
@@ -25,6 +26,11 @@ def _check_against(
     assert_close(
         eqx.filter_jit(model)(image, policy=policy), ref["reconstruction"], what="round trip"
     )
+    if "scaled" in ref:  # FLUX.2: the pipeline's patchify and BatchNorm normalisation
+        scaled = eqx.filter_jit(model.scale_latents)(posterior.mode())
+        assert_close(scaled, ref["scaled"], what="scale_latents")
+        unscaled = eqx.filter_jit(model.unscale_latents)(jnp.asarray(ref["scaled_latent"]))
+        assert_close(unscaled, ref["unscaled"], what="unscale_latents")
 
 
 FIXTURE_PATHS = sorted(FIXTURES.glob("parity_*.npz"))
@@ -75,11 +81,7 @@ def test_parity_live(case):
     require_torch()
     seed = [c.name for c in CASES].index(case.name)
     ref = diffusers_reference(case, seed)
-    state_dict = {
-        k.removeprefix("param/"): v.astype(np.float32)
-        for k, v in ref.items()
-        if k.startswith("param/")
-    }
+    state_dict = parameters_of(ref)
     model = eqx_vae.from_diffusers_state_dict(state_dict, case.config)
     _check_against(model, ref)
 
@@ -87,8 +89,9 @@ def test_parity_live(case):
     _, fixture_weights, fixture = load_fixture(FIXTURES / f"parity_{case.name}.npz")
     for name, value in state_dict.items():
         np.testing.assert_array_equal(value, fixture_weights[name])
-    for name in ("mean", "logvar", "decoded", "reconstruction"):
-        assert_close(fixture[name], ref[name], rtol=RTOL, what=f"fixture {name}")
+    for name in ("mean", "logvar", "decoded", "reconstruction", "scaled", "unscaled"):
+        if name in ref:
+            assert_close(fixture[name], ref[name], rtol=RTOL, what=f"fixture {name}")
 
 
 @pytest.mark.torch

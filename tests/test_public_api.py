@@ -66,3 +66,14 @@ def test_metrics_live_in_their_own_module():
     np.testing.assert_allclose(ssim(y, y), 1.0, rtol=1e-6)
     np.testing.assert_allclose(bicubic_baseline(y, 48), y, atol=1e-6)  # constant channels
     assert eqx_vae.metrics.psnr is psnr
+
+
+def test_latent_batch_norm_is_public():
+    """FLUX.2's statistics as a module of their own, for models that carry a latent
+    normalisation of their own."""
+    bn = eqx_vae.LatentBatchNorm(8, eps=0.25)
+    z = jnp.full((2, 8, 3, 5), 2.0, jnp.float32)
+    np.testing.assert_allclose(bn(z), z / np.sqrt(1.25), rtol=1e-6)
+    np.testing.assert_allclose(bn.inverse(bn(z)), z, rtol=1e-6)
+    model = eqx_vae.AutoencoderKL(small_config(patch_size=(2, 2)), key=jax.random.key(0))
+    assert isinstance(model.bn, eqx_vae.LatentBatchNorm) and model.bn.channels == 16

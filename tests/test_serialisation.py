@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import require_torch, small_config
-from make_golden import GOLDEN, golden_lines
+from make_golden import GOLDEN, PRESETS_WITH_GOLDEN, golden_lines
 
 import eqx_vae
 from eqx_vae import CheckpointError
@@ -41,7 +41,7 @@ def test_round_trip_is_bit_exact(model, tmp_path, dtype):
     assert os.listdir(tmp_path) == ["model.eqx"]
 
 
-@pytest.mark.parametrize("preset", ["sd15", "flux1"])
+@pytest.mark.parametrize("preset", PRESETS_WITH_GOLDEN)
 def test_golden_parameter_list(preset):
     """The parameter names, shapes and order of the published configurations. A
     difference means the checkpoint format changed (see make_golden.py)."""
@@ -50,21 +50,44 @@ def test_golden_parameter_list(preset):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("preset", ["sd15", "flux1"])
+@pytest.mark.parametrize("preset", PRESETS_WITH_GOLDEN)
 def test_golden_names_are_diffusers_names(preset):
+    """Names and shapes of diffusers' state dict (FLUX.2's BatchNorm buffers included)."""
     torch, diffusers = require_torch()
     config = getattr(eqx_vae.AutoencoderKLConfig, preset)()
     with torch.device("meta"):
-        theirs = diffusers.AutoencoderKL.from_config(
+        theirs = getattr(diffusers, config.class_name).from_config(
             {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
         )
     their_shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     ours = {}
     for line in (GOLDEN / f"parameters_{preset}.txt").read_text().splitlines():
         name, shape = line.split()
-        shape = tuple(int(s) for s in shape.split("x"))
+        shape = () if shape == "()" else tuple(int(s) for s in shape.split("x"))
         ours[name] = shape[:1] if name.endswith(".bias") and len(shape) == 3 else shape
     assert ours == their_shapes
+
+
+def test_flux2_round_trip_keeps_the_statistics(tmp_path):
+    """FLUX.2's BatchNorm statistics are leaves of the model: written and read with the
+    parameters, the batch count as an integer."""
+    config = small_config(patch_size=(2, 2), decoder_block_out_channels=(8, 16))
+    model = eqx_vae.AutoencoderKL(config, key=jax.random.key(1))
+    assert model.bn is not None
+    model = eqx.tree_at(
+        lambda m: (m.bn.running_mean, m.bn.running_var, m.bn.num_batches_tracked),
+        model,
+        (jnp.linspace(-1.0, 1.0, 16), jnp.linspace(0.5, 2.0, 16), jnp.asarray(77, jnp.int32)),
+    )
+    path = tmp_path / "model.eqx"
+    eqx_vae.save(path, model)
+    loaded = eqx_vae.load(path)
+    _assert_identical(model, loaded)
+    assert loaded.bn is not None and loaded.bn.num_batches_tracked.dtype == jnp.int32
+    # Plain Equinox serialisation into a skeleton of the same config.
+    eqx.tree_serialise_leaves(tmp_path / "leaves.eqx", model)
+    skeleton = eqx_vae.AutoencoderKL(config, key=jax.random.key(2))
+    _assert_identical(model, eqx.tree_deserialise_leaves(tmp_path / "leaves.eqx", skeleton))
 
 
 def test_save_is_atomic(model, tmp_path, monkeypatch):

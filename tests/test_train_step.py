@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import require
+from helpers import require, small_config
 from train_helpers import (
     assert_trees_close,
     batch_of_images,
@@ -131,6 +131,42 @@ def test_decoder_only_leaves_the_encoder_alone(vae, images):
     assert_trees_close(new.vae.encoder, vae.encoder, rtol=0)
     assert_trees_close(new.vae.quant_conv, vae.quant_conv, rtol=0)
     assert not np.allclose(new.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+
+
+def test_trainable_leaves_out_flux2_statistics():
+    vae = eqx_vae.AutoencoderKL(small_config(patch_size=(2, 2)), key=jax.random.key(0))
+    for decoder_only in (False, True):
+        spec, _ = train.trainable(vae, train.TrainConfig(decoder_only=decoder_only))
+        assert not any(jax.tree_util.tree_leaves(spec.bn))
+        assert all(jax.tree_util.tree_leaves(spec.decoder))
+
+
+@pytest.mark.slow
+def test_flux2_statistics_are_never_trained(images):
+    """Not by the optimiser, not by its weight decay, not by the EMA: the statistics
+    after training are the ones before, bit for bit, while the weights move."""
+    vae = eqx_vae.AutoencoderKL(small_config(patch_size=(2, 2)), key=jax.random.key(0))
+    stats = (jnp.linspace(-2.0, 2.0, 16), jnp.linspace(0.1, 3.0, 16), jnp.asarray(9, jnp.int32))
+    vae = eqx.tree_at(
+        lambda m: (m.bn.running_mean, m.bn.running_var, m.bn.num_batches_tracked), vae, stats
+    )
+    config = train.TrainConfig(disc_weight=0.0, learning_rate=1e-2, ema_decay=0.5)
+    optimizers = (optax.adamw(1e-2, weight_decay=0.5), optax.adamw(1e-2, weight_decay=0.5))
+    step = eqx.filter_jit(train.make_train_step(config, optimizers))
+    state = train.init_state(vae, config, optimizers, key=jax.random.key(1))
+    for i in range(2):
+        state, _ = step(state, images, jax.random.key(2 + i))
+    assert state.ema is not None
+    for model in (state.vae, state.ema):
+        assert model.bn is not None
+        for after, before in zip(
+            (model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked),
+            stats,
+            strict=True,
+        ):
+            assert after.dtype == before.dtype
+            np.testing.assert_array_equal(after, before)
+    assert not np.allclose(state.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._autoencoder import AutoencoderKL
 from .._builtin import BUILTIN_PATH
-from .._config import PRESETS, AutoencoderKLConfig
+from .._config import PRESETS
 from .._distribution import DiagonalGaussian
 from .._errors import CheckpointError
 from .._images import (
@@ -156,15 +156,17 @@ class Runner:
 
     def encode(self, image: np.ndarray) -> DiagonalGaussian:
         """The posterior of an image `(C, H, W)`; edges padded up to a multiple of the
-        spatial factor (the latent covers the padded image)."""
+        spatial factor times FLUX.2's latent patch (so that the latent can be scaled;
+        the latent covers the padded image)."""
         channels = self.model.in_channels
         if image.shape[0] != channels:
             raise ValueError(
                 f"The model encodes {channels}-channel images, got {image.shape[0]} channels."
             )
-        f = self.model.spatial_factor
+        ph, pw = self.model.config.latent_patch
+        fh, fw = self.model.spatial_factor * ph, self.model.spatial_factor * pw
         _, h, w = image.shape
-        padded = np.pad(image, ((0, 0), (0, -h % f), (0, -w % f)), mode="edge")
+        padded = np.pad(image, ((0, 0), (0, -h % fh), (0, -w % fw)), mode="edge")
         return self._encode(self.model, jnp.asarray(padded))
 
     def decode(self, z: Any) -> np.ndarray:
@@ -173,15 +175,6 @@ class Runner:
     def reconstruct(self, image: np.ndarray) -> np.ndarray:
         _, h, w = image.shape
         return self.decode(self.encode(image).mode())[:, :h, :w]
-
-
-def latent_scaling(config: AutoencoderKLConfig) -> str:
-    """The formula that scales a latent `z` under `config`."""
-    if config.latents_mean is not None:
-        return "(z - latents_mean) * scaling_factor / latents_std"
-    if config.shift_factor is not None:
-        return f"(z - {config.shift_factor}) * {config.scaling_factor}"
-    return f"z * {config.scaling_factor}"
 
 
 def describe(model: AutoencoderKL) -> str:

@@ -12,7 +12,9 @@ from .._autoencoder import AutoencoderKL
 from .._builtin import load_builtin
 from .._config import PRESETS, AutoencoderKLConfig
 from .._errors import CheckpointError
+from .._latents import describe_convention
 from .._serialisation import MAGIC, load, save
+from .._state_dict import cast_floating
 from ..interop import load_diffusers, load_single_file, save_diffusers, save_single_file
 from ..interop._diffusers import read_config
 from ..interop._safetensors import looks_like_safetensors
@@ -135,7 +137,7 @@ def load_any(
     elif kind == "eqx":
         model = load(path)
         if dtype is not None:
-            model = jax.tree_util.tree_map(lambda a: a.astype(dtype), model)
+            model = cast_floating(model, dtype)
     else:
         model = load_single_file(path, preset=preset, config=config, dtype=dtype)
     return model, kind
@@ -171,6 +173,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"converted {args.src} ({src_kind}) -> {args.dst} ({dst_kind}): {count:,} parameters, "
         f"{leaves[0].dtype}, latent_channels={model.config.latent_channels}, "
-        f"scaling_factor={model.config.scaling_factor}"
+        f"latent scaling {describe_convention(model.config)}"
     )
     return 0

@@ -4,7 +4,8 @@ import argparse
 import json
 from typing import Any
 
-from ._common import add_model_arguments, describe, latent_scaling, load_model, model_name
+from .._latents import describe_convention
+from ._common import add_model_arguments, describe, load_model, model_name
 
 
 def add_parser(commands: Any) -> None:
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     c = model.config
     print(f"model: {model_name(args)}")
     print(describe(model))
-    print(f"latent scaling: {latent_scaling(c)}")
+    print(f"latent scaling: {describe_convention(c)}")
     print(f"force_upcast: {c.force_upcast}")
     print("config:")
     for key, value in config.items():

@@ -37,8 +37,9 @@ def add_parsers(commands: Any) -> None:
         description=(
             "Encode an image (or a folder of them) to a latent stored in a .safetensors file "
             f"under the name {LATENTS!r}, shape (1, C, h, w), scaled as a diffusion model sees "
-            "it (the model's scaling_factor and shift; --raw for the unscaled latent). The "
-            "file's metadata records the scaling and the image size."
+            "it (the model's scaling_factor and shift, or for FLUX.2 its 2x2 patches "
+            "normalised by its BatchNorm statistics, (1, 4C, h/2, w/2); --raw for the "
+            "unscaled latent). The file's metadata records the scaling and the image size."
         ),
     )
     encode.add_argument("input", type=pathlib.Path, metavar="IN")
@@ -60,7 +61,8 @@ def add_parsers(commands: Any) -> None:
         description=(
             "Decode latents written by `eqx-vae encode` (or any .safetensors file with a "
             f"{LATENTS!r} tensor of shape (C, h, w) or (1, C, h, w), scaled per the model's "
-            "convention unless its metadata says raw) to images."
+            "convention unless its metadata says raw; FLUX.2's scaled latents have 4C "
+            "channels) to images."
         ),
     )
     decode.add_argument("input", type=pathlib.Path, metavar="IN")
@@ -117,8 +119,15 @@ def run_decode(args: argparse.Namespace) -> int:
     runner = Runner(model, compute_dtype(args), args.tile)
 
     def decode(source: pathlib.Path, destination: pathlib.Path) -> tuple[str, dict]:
-        z, metadata = _read_latent(source, model.latent_channels)
-        if json.loads(metadata.get("scaled", "true")):
+        z, metadata = _read_latent(source)
+        scaled = json.loads(metadata.get("scaled", "true"))
+        channels = model.config.scaled_latent_channels if scaled else model.latent_channels
+        if z.shape[0] != channels:
+            raise ValueError(
+                f"{source}: the latent has shape {z.shape}; this model decodes "
+                f"{'scaled' if scaled else 'raw'} latents of shape ({channels}, h, w)."
+            )
+        if scaled:
             z = np.asarray(model.unscale_latents(jnp.asarray(z)))
         image = runner.decode(z)
         if "image_size" in metadata:
@@ -133,6 +142,8 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def _scaling(model: Any) -> dict[str, Any]:
     c = model.config
+    if c.patch_size is not None:
+        return {"patch_size": list(c.patch_size), "batch_norm_eps": c.batch_norm_eps}
     return {
         "scaling_factor": c.scaling_factor,
         "shift_factor": c.shift_factor,
@@ -141,7 +152,7 @@ def _scaling(model: Any) -> dict[str, Any]:
     }
 
 
-def _read_latent(path: pathlib.Path, channels: int) -> tuple[np.ndarray, dict[str, str]]:
+def _read_latent(path: pathlib.Path) -> tuple[np.ndarray, dict[str, str]]:
     try:
         with SafetensorsFile(path) as f:
             if LATENTS not in f:
@@ -154,8 +165,6 @@ def _read_latent(path: pathlib.Path, channels: int) -> tuple[np.ndarray, dict[st
         raise ValueError(f"{path} is not a readable .safetensors file: {e}") from e
     if z.ndim == 4 and z.shape[0] == 1:
         z = z[0]
-    if z.ndim != 3 or z.shape[0] != channels:
-        raise ValueError(
-            f"{path}: the latent has shape {z.shape}; this model decodes ({channels}, h, w)."
-        )
+    if z.ndim != 3:
+        raise ValueError(f"{path}: the latent has shape {z.shape}; expected (C, h, w).")
     return z, metadata

@@ -12,10 +12,12 @@ import numpy as np
 from .._autoencoder import AutoencoderKL
 from .._builtin import builtin_config
 from .._config import PRESETS, AutoencoderKLConfig
+from .._latents import describe_convention
 from .._serialisation import save
+from .._state_dict import cast_floating
 from .._statistics import LatentStatistics, apply_latent_statistics
 from ._checks import ArgumentProblems
-from ._common import describe, latent_scaling, load_model
+from ._common import describe, load_model
 from ._convert import BUILTIN
 
 
@@ -241,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     if args.latent_statistics:
         record = json.loads((args.out / STATISTICS).read_text())
         model = apply_latent_statistics(model, LatentStatistics.from_dict(record))
-        print(f"latent scaling from {record['images']} images: {latent_scaling(model.config)}")
+        scaling = describe_convention(model.config)
+        print(f"latent scaling from {record['images']} images: {scaling}")
     save(args.out / "model.eqx", model)
     print(f"wrote {args.out / 'model.eqx'} after step {int(state.step)}")
     return 0
@@ -272,7 +275,7 @@ def _starting_model(args: argparse.Namespace, key: Any) -> AutoencoderKL:
     if args.model is None:
         return AutoencoderKL(_new_config(args.new), key=key)
     vae = load_model(argparse.Namespace(model=args.model, preset=args.preset))
-    vae = jax.tree_util.tree_map(lambda x: x.astype(np.float32), vae)
+    vae = cast_floating(vae, np.float32)
     factor = vae.spatial_factor
     if args.crop_size % factor:
         raise ValueError(

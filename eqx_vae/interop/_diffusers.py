@@ -56,7 +56,8 @@ def load_diffusers(
     subfolder: str | None = "vae",
     check_finite: bool = False,
 ) -> AutoencoderKL:
-    """Loads a diffusers `AutoencoderKL` folder.
+    """Loads a diffusers `AutoencoderKL` or `AutoencoderKLFlux2` folder (for FLUX.2 with
+    its BatchNorm statistics, `bn.running_mean` and `bn.running_var`).
 
     **Arguments:**
 
@@ -179,7 +180,9 @@ def save_diffusers(
 ) -> None:
     """Writes `model` as a diffusers model folder (`config.json` and
     `diffusion_pytorch_model[.variant].safetensors`) that
-    `diffusers.AutoencoderKL.from_pretrained` loads.
+    `diffusers.AutoencoderKL.from_pretrained` loads, or for FLUX.2
+    `diffusers.AutoencoderKLFlux2.from_pretrained` (with the BatchNorm statistics under
+    `bn.*`).
 
     Each file is written under a temporary name and renamed into place, weights first,
     so no file in `path` is ever half-written.
@@ -188,12 +191,18 @@ def save_diffusers(
 
     - `path`: the folder; created if missing.
     - `model`: an [`eqx_vae.AutoencoderKL`][].
-    - `dtype`: the dtype to store, e.g. `jnp.float16`; by default the model's.
+    - `dtype`: the dtype to store the floating-point arrays in, e.g. `jnp.float16`; by
+        default the model's. FLUX.2's `bn.num_batches_tracked` stays an int64.
     - `variant`: write `diffusion_pytorch_model.<variant>.safetensors`.
     - `format`: `"flax"` writes the weights as `diffusion_flax_model.msgpack` instead,
         in the layout of [`eqx_vae.to_flax_params`][], which diffusers'
         `FlaxAutoencoderKL.from_pretrained` loads (the `flax` extra; Flax weights have
         no variants).
+
+    A model whose decoder is narrower than its encoder can be written only for FLUX.2:
+    diffusers' `AutoencoderKL` has no `decoder_block_out_channels`, so for other
+    families this raises a `ValueError` (use [`eqx_vae.save`][] or
+    [`eqx_vae.save_single_file`][]).
 
     The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
     versions, `save_diffusers(model, path)`, still works for one release with a
@@ -208,6 +217,21 @@ def save_diffusers(
             f"Flax weights have no variants (got variant={variant!r}): diffusers reads "
             f"only {FLAX_WEIGHTS_NAME}; leave `variant` out."
         )
+    config = model.config
+    if format == "flax" and (
+        config.patch_size is not None or config.decoder_block_out_channels is not None
+    ):
+        raise ValueError(
+            "diffusers' FlaxAutoencoderKL has no FLUX.2 BatchNorm and no narrower decoder; "
+            'write this model with format="safetensors".'
+        )
+    if config.patch_size is None and config.decoder_block_out_channels is not None:
+        raise ValueError(
+            "diffusers' AutoencoderKL has no `decoder_block_out_channels`, so it cannot "
+            f"load this model's decoder ({config.decoder_block_out_channels} against "
+            f"the encoder's {config.block_out_channels}); write it with `eqx_vae.save` "
+            "or `eqx_vae.save_single_file`."
+        )
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -219,7 +243,10 @@ def save_diffusers(
     else:
         state_dict = to_diffusers_state_dict(model)
         if np_dtype is not None:
-            state_dict = {k: v.astype(np_dtype) for k, v in state_dict.items()}
+            state_dict = {
+                k: v if np.issubdtype(v.dtype, np.integer) else v.astype(np_dtype)
+                for k, v in state_dict.items()
+            }
         stem = WEIGHTS_NAME if variant is None else f"{WEIGHTS_NAME}.{variant}"
         write_safetensors(folder / f"{stem}.safetensors", state_dict, metadata={"format": "pt"})
     config = model.config.to_dict()

@@ -26,9 +26,15 @@ _TO_LDM = (
 )
 
 
-def to_ldm_name(name: str, levels: int) -> str:
+def to_ldm_name(name: str, levels: int, *, inner_quant_convs: bool = False) -> str:
     """The LDM name of a diffusers parameter name. The decoder's levels are numbered
-    from the latent side in diffusers and from the image side in LDM."""
+    from the latent side in diffusers and from the image side in LDM. With
+    `inner_quant_convs` (FLUX.2's original layout) the 1x1 convolutions around the
+    latent belong to the encoder and decoder: `encoder.quant_conv`,
+    `decoder.post_quant_conv`. FLUX.2's BatchNorm statistics keep their names
+    (`bn.running_mean`, ...)."""
+    if inner_quant_convs:
+        name = re.sub(r"^(post_)?quant_conv\.", _inner_quant_conv, name)
     name = re.sub(
         r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", name
     )
@@ -37,11 +43,23 @@ def to_ldm_name(name: str, levels: int) -> str:
     return name
 
 
+def _inner_quant_conv(match: re.Match[str]) -> str:
+    return "decoder.post_quant_conv." if match[1] else "encoder.quant_conv."
+
+
+def inner_quant_convs(config: AutoencoderKLConfig) -> bool:
+    """Whether original files of this family keep the quant convs inside the encoder
+    and decoder: FLUX.2's do (its reference code builds them there)."""
+    return config.patch_size is not None
+
+
 def ldm_names(config: AutoencoderKLConfig) -> dict[str, str]:
     """LDM name -> diffusers name, for every parameter of a model with `config`."""
     levels = len(config.block_out_channels)
+    inner = inner_quant_convs(config)
     return {
-        to_ldm_name(name, levels): name for name, _ in named_parameters(abstract_model(config))
+        to_ldm_name(name, levels, inner_quant_convs=inner): name
+        for name, _ in named_parameters(abstract_model(config))
     }
 
 

@@ -1,6 +1,8 @@
 """Original single-file checkpoints: CompVis/SGM `.ckpt`/`.safetensors` (whole models
-with a `first_stage_model.` prefix, or VAE-only files such as `sd-vae-ft-mse`), FLUX's
-`ae.safetensors` and SD3 files with a `vae.` prefix, all with the LDM parameter names."""
+with a `first_stage_model.` prefix, or VAE-only files such as `sd-vae-ft-mse`), FLUX.1's
+and FLUX.2's `ae.safetensors` and SD3 files with a `vae.` prefix, all with the LDM
+parameter names (FLUX.2's with its quant convs inside the encoder and decoder and its
+BatchNorm statistics under `bn.`)."""
 
 import os
 import pathlib
@@ -19,7 +21,13 @@ from .._state_dict import (
     from_diffusers_state_dict,
     to_diffusers_state_dict,
 )
-from ._ldm_names import ATTENTION_CONV, ldm_names, squeeze_attention, to_ldm_name
+from ._ldm_names import (
+    ATTENTION_CONV,
+    inner_quant_convs,
+    ldm_names,
+    squeeze_attention,
+    to_ldm_name,
+)
 from ._path_first import path_first
 from ._safetensors import SafetensorsFile, looks_like_safetensors, write_safetensors
 from ._torch_files import PICKLE_SUFFIXES, load_torch_file, looks_like_torch_file
@@ -52,9 +60,11 @@ def load_single_file(
     """Loads the autoencoder of an original (CompVis, SGM, FLUX) single-file checkpoint.
 
     The architecture (channels, levels, layers per block, latent channels, quant convs,
-    mid attention) is read off the tensor shapes. The latent scaling cannot be: it
-    comes from `preset` or `config`, or, for whole-model checkpoints, from the model
-    family their other weights identify. A VAE-only file without either raises.
+    mid attention, a narrower decoder) is read off the tensor shapes. The latent
+    scaling cannot be: it comes from `preset` or `config`, or, for whole-model
+    checkpoints, from the model family their other weights identify. A VAE-only file
+    without either raises, except FLUX.2's: its latent normalisation is the BatchNorm
+    statistics it holds (`bn.running_mean`, `bn.running_var`), so it needs neither.
 
     **Arguments:**
 
@@ -64,7 +74,7 @@ def load_single_file(
     - `config`: the full configuration, when it is known.
     - `preset`: the model family, one of `eqx_vae.PRESETS` (`"sd15"` for
         `sd-vae-ft-mse`/`-ema`, `"sdxl"`, `"sd3"`, `"flux1"` for FLUX's `ae.safetensors`,
-        ...); the file's architecture must match it.
+        `"flux2"`, ...); the file's architecture must match it.
     - `dtype`: parameter dtype; float32 by default.
     - `check_finite`: refuse weights that contain NaN or infinity.
 
@@ -118,15 +128,25 @@ def _load(
         )
     if config is None:
         inferred = infer_config(ldm, path)
-        if preset is None:
-            preset = _family(tensors)
-        if preset is None:
-            raise CheckpointError(_ambiguous_message(path, inferred))
-        config = _preset_matching(path, preset, inferred)
+        if preset is None and inferred.patch_size is not None:
+            config = inferred  # FLUX.2: the file holds its latent normalisation
+        else:
+            if preset is None:
+                preset = _family(tensors)
+            if preset is None:
+                raise CheckpointError(_ambiguous_message(path, inferred))
+            config = _preset_matching(path, preset, inferred)
     elif not isinstance(config, AutoencoderKLConfig):
         config = AutoencoderKLConfig.from_dict(config)
     names = ldm_names(config)
-    state_dict = {names.get(name, name): squeeze_attention(name, t) for name, t in ldm.items()}
+    state_dict: dict[str, Any] = {}
+    for name, tensor in ldm.items():
+        new = names.get(name, name)
+        if new in state_dict:
+            raise CheckpointError(
+                f"{path} holds {new} twice, under its original and its diffusers name."
+            )
+        state_dict[new] = squeeze_attention(name, tensor)
     try:
         return from_diffusers_state_dict(
             state_dict, config, dtype=dtype, check_finite=check_finite
@@ -173,11 +193,13 @@ _ARCHITECTURE_FIELDS = (
     "in_channels",
     "out_channels",
     "block_out_channels",
+    "decoder_block_out_channels",
     "layers_per_block",
     "latent_channels",
     "use_quant_conv",
     "use_post_quant_conv",
     "mid_block_add_attention",
+    "patch_size",
 )
 
 
@@ -203,7 +225,8 @@ def infer_config(
     ldm: Mapping[str, Any], path: pathlib.Path | str = "the checkpoint"
 ) -> AutoencoderKLConfig:
     """The architecture of an LDM-named autoencoder state dict, read off its shapes,
-    with SD 1.x's latent scaling (which the weights cannot tell)."""
+    with SD 1.x's latent scaling (which the weights cannot tell), or for a file with
+    FLUX.2's BatchNorm statistics the FLUX.2 preset's other values."""
 
     def shape(name: str) -> tuple[int, ...]:
         if name not in ldm:
@@ -217,14 +240,30 @@ def infer_config(
         if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", name))
     }
     channels = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels))
+    decoder = tuple(shape(f"decoder.up.{i}.block.0.conv2.weight")[0] for i in range(levels))
     moments = shape("encoder.conv_out.weight")[0]
+    latent_channels = moments // 2
     groups = _DEFAULT_GROUPS
-    if any(c % groups for c in channels):
+    if any(c % groups for c in channels + decoder):
         raise CheckpointError(
-            f"{path} has level widths {channels}, which {groups} GroupNorm groups (the number "
-            "every published model uses, and which checkpoints do not store) do not divide; "
-            "pass a full `config=` (on the command line `--config config.json`)."
+            f"{path} has level widths {channels} (decoder {decoder}), which {groups} "
+            "GroupNorm groups (the number every published model uses, and which checkpoints "
+            "do not store) do not divide; pass a full `config=` (on the command line "
+            "`--config config.json`)."
         )
+    family: dict[str, Any] = {}
+    if "bn.running_mean" in ldm:
+        # Published FLUX.2 models fold 2x2 patches: the only shape the BatchNorm's
+        # channel count is checked against.
+        bn_channels = shape("bn.running_mean")[0]
+        if bn_channels != 4 * latent_channels:
+            raise CheckpointError(
+                f"{path} has a latent BatchNorm over {bn_channels} channels; FLUX.2's "
+                f"2x2 patches of a {latent_channels}-channel latent have "
+                f"{4 * latent_channels}. Pass a full `config=` with its `patch_size`."
+            )
+        flux2 = AutoencoderKLConfig.flux2()
+        family = dict(patch_size=flux2.patch_size, sample_size=flux2.sample_size)
     try:
         return AutoencoderKLConfig(
             in_channels=shape("encoder.conv_in.weight")[1],
@@ -232,12 +271,18 @@ def infer_config(
             down_block_types=("DownEncoderBlock2D",) * levels,
             up_block_types=("UpDecoderBlock2D",) * levels,
             block_out_channels=channels,
+            decoder_block_out_channels=None if decoder == channels else decoder,
             layers_per_block=len(blocks),
-            latent_channels=moments // 2,
+            latent_channels=latent_channels,
             norm_num_groups=groups,
-            use_quant_conv="quant_conv.weight" in ldm,
-            use_post_quant_conv="post_quant_conv.weight" in ldm,
+            use_quant_conv=any(
+                n in ldm for n in ("quant_conv.weight", "encoder.quant_conv.weight")
+            ),
+            use_post_quant_conv=any(
+                n in ldm for n in ("post_quant_conv.weight", "decoder.post_quant_conv.weight")
+            ),
             mid_block_add_attention="encoder.mid.attn_1.q.weight" in ldm,
+            **family,
         )
     except ValueError as e:
         raise CheckpointError(f"Cannot infer the architecture of {path}: {e}") from e
@@ -259,13 +304,16 @@ def save_single_file(
 ) -> None:
     """Writes `model` as a VAE-only single file with the original LDM names (attention
     projections as `(C, C, 1, 1)` convolutions), like `sd-vae-ft-mse`'s or FLUX's
-    `ae.safetensors`. Written to a temporary name first, then renamed.
+    `ae.safetensors`; for FLUX.2 in the layout of its original `ae.safetensors`
+    (`encoder.quant_conv`, `decoder.post_quant_conv`, and `bn.running_mean`,
+    `bn.running_var`, `bn.num_batches_tracked`). Written to a temporary name first,
+    then renamed.
 
     **Arguments:**
 
     - `path`: the `.safetensors` file to write.
     - `model`: an [`eqx_vae.AutoencoderKL`][].
-    - `dtype`: the dtype to store; by default the model's.
+    - `dtype`: the dtype to store the floating-point arrays in; by default the model's.
 
     The path comes first, as in [`eqx_vae.save`][]; the model-first order of earlier
     versions, `save_single_file(model, path)`, still works for one release with a
@@ -274,12 +322,13 @@ def save_single_file(
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
     levels = len(model.config.block_out_channels)
+    inner = inner_quant_convs(model.config)
     tensors = {}
     for name, value in to_diffusers_state_dict(model).items():
-        ldm = to_ldm_name(name, levels)
+        ldm = to_ldm_name(name, levels, inner_quant_convs=inner)
         if ATTENTION_CONV.fullmatch(ldm):
             value = value.reshape(*value.shape, 1, 1)
-        if dtype is not None:
+        if dtype is not None and not np.issubdtype(value.dtype, np.integer):
             value = value.astype(np.dtype(jnp.dtype(dtype)))
         tensors[ldm] = value
     write_safetensors(path, tensors, metadata={"format": "pt"})

@@ -11,15 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._flax_params import flax_leaves
-from .._state_dict import dtype_name, shape_of
+from .._state_dict import FLOATING, dtype_name, shape_of
 from ._diffusers import _open_weights, resolve_model_folder
 from ._flax_msgpack import FLAX_WEIGHTS_NAME, read_flax_msgpack
 from ._safetensors import SafetensorsFile
 from ._single_file import _reads_as_torch, _strip_prefix
 from ._torch_files import load_torch_file
-
-
-_FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 
 def stored_dtype(path: pathlib.Path, *, variant: str | None = None) -> np.dtype | None:
@@ -42,7 +39,7 @@ def _most_common_floating(tensors: Mapping[str, Any]) -> np.dtype | None:
     sizes: collections.Counter[str] = collections.Counter()
     for value in tensors.values():
         name = dtype_name(value)
-        if name in _FLOATING:
+        if name in FLOATING:
             sizes[name] += int(np.prod(shape_of(value)))
     if not sizes:
         return None

@@ -114,8 +114,14 @@ class TrainState(eqx.Module):
 
 
 def trainable(vae: AutoencoderKL, config: TrainConfig) -> Any:
-    """A pytree of booleans over `(vae, logvar)`: which leaves the optimiser updates."""
+    """A pytree of booleans over `(vae, logvar)`: which leaves the optimiser updates.
+
+    Never FLUX.2's BatchNorm statistics (`vae.bn`): they are fixed numbers that define
+    the latent space a diffusion model sees, not parameters, so no optimiser (nor its
+    weight decay) ever receives them."""
     spec = jax.tree_util.tree_map(eqx.is_inexact_array, vae)
+    if spec.bn is not None:
+        spec = eqx.tree_at(lambda m: m.bn, spec, jax.tree_util.tree_map(lambda _: False, spec.bn))
     if config.decoder_only:
         frozen = jax.tree_util.tree_map(lambda _: False, (spec.encoder, spec.quant_conv))
         spec = eqx.tree_at(

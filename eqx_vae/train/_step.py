@@ -62,7 +62,8 @@ def update_ema(
 ) -> AutoencoderKL:
     """The exponential moving average after `step`: `d * ema + (1 - d) * vae` with
     `d = decay`, or with `warmup` `min(decay, (1 + step) / (10 + step))`, as diffusers'
-    `EMAModel` does."""
+    `EMAModel` does. FLUX.2's BatchNorm statistics are not averaged: they are `vae`'s,
+    bit for bit."""
     d = jnp.asarray(decay, jnp.float32)
     if warmup:
         t = step.astype(jnp.float32)
@@ -74,7 +75,10 @@ def update_ema(
         w = d.astype(e.dtype)
         return w * e + (1 - w) * v
 
-    return jax.tree_util.tree_map(average, ema, vae)
+    averaged = jax.tree_util.tree_map(average, ema, vae)
+    if vae.bn is None:
+        return averaged
+    return eqx.tree_at(lambda m: m.bn, averaged, vae.bn)
 
 
 def make_train_step(
