@@ -14,10 +14,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._autoencoder import AutoencoderKL
 from ._builtin import with_config
 from ._custom_types import DTypeLike
+from ._latents import patchify
 from ._policy import Policy
 
 
-Convention = Literal["scaling", "shift_scaling", "per_channel"]
+Convention = Literal["scaling", "shift_scaling", "per_channel", "batch_norm"]
 CONVENTIONS: tuple[Convention, ...] = get_args(Convention)
 
 
@@ -28,10 +29,14 @@ class LatentStatistics:
 
     **Fields:**
 
-    - `mean`, `std`: per latent channel, float64 arrays of shape `(latent_channels,)`.
+    - `mean`, `std`: per latent channel, float64 arrays of shape `(latent_channels,)`;
+        for FLUX.2 models per channel of the patchified latent the diffusion model sees,
+        `(4 * latent_channels,)` (see `patch`).
     - `global_mean`, `global_std`: over every latent value.
     - `count`: how many latent values each channel's statistics are over.
     - `images`: how many images were encoded.
+    - `patch`: the patch folded into the channels before measuring (`(2, 2)` for
+        FLUX.2, whose BatchNorm normalises the patchified latent), or `None`.
 
     Standard deviations are the population ones (divided by the count), as `torch.std`
     with `correction=0` and `jnp.std` compute them.
@@ -43,6 +48,7 @@ class LatentStatistics:
     global_std: float
     count: int
     images: int
+    patch: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The statistics as JSON-ready values (`from_dict` reads them back)."""
@@ -53,6 +59,7 @@ class LatentStatistics:
             "global_std": self.global_std,
             "count": self.count,
             "images": self.images,
+            "patch": None if self.patch is None else list(self.patch),
         }
 
     @classmethod
@@ -64,7 +71,15 @@ class LatentStatistics:
             global_std=float(values["global_std"]),
             count=int(values["count"]),
             images=int(values["images"]),
+            patch=None if values.get("patch") is None else tuple(values["patch"]),
         )
+
+    def conventions(self) -> tuple[Convention, ...]:
+        """The conventions these statistics can give: FLUX.2's BatchNorm for statistics
+        of a patchified latent, the others otherwise."""
+        if self.patch is not None:
+            return ("batch_norm",)
+        return tuple(c for c in CONVENTIONS if c != "batch_norm")
 
     def config_fields(self, convention: Convention, *, target_std: float = 1.0) -> dict[str, Any]:
         """The config fields that make the scaled latents (see
@@ -81,15 +96,32 @@ class LatentStatistics:
             - `"per_channel"` (Playground v2.5): `latents_mean = mean`,
                 `latents_std = std`, `scaling_factor = target_std`, so that every channel
                 has mean 0 and standard deviation `target_std`.
+            - `"batch_norm"` (FLUX.2): not config fields but the BatchNorm's
+                `running_mean = mean` and `running_var = std**2` over the patchified
+                latent; `target_std` must be 1.
         - `target_std`: the standard deviation the scaled latents should have (1 for the
             published SD and FLUX.1 factors; Playground v2.5 uses 0.5).
 
         **Returns:**
 
-        A dict of [`eqx_vae.AutoencoderKLConfig`][] fields, to pass to its `replace`.
+        A dict of [`eqx_vae.AutoencoderKLConfig`][] fields, to pass to its `replace`
+        (for `"batch_norm"`, of the BatchNorm's statistics).
         """
         if not target_std > 0:
             raise ValueError(f"`target_std` must be positive, got {target_std}.")
+        if (convention == "batch_norm") != (self.patch is not None):
+            raise ValueError(
+                "The \"batch_norm\" convention (FLUX.2's) needs statistics of the "
+                "patchified latent, which only FLUX.2 models measure, and FLUX.2 models "
+                f"have no other; got {convention!r} for statistics with patch={self.patch}."
+            )
+        if convention == "batch_norm":
+            if target_std != 1.0:
+                raise ValueError("FLUX.2's BatchNorm normalises to standard deviation 1.")
+            return dict(
+                running_mean=tuple(float(m) for m in self.mean),
+                running_var=tuple(float(s) ** 2 for s in self.std),
+            )
         if convention == "scaling":
             scale = target_std / self.global_std
             return dict(
@@ -147,7 +179,8 @@ def latent_statistics(
     """
     if isinstance(images, (np.ndarray, jax.Array)):
         images = [images]
-    moments = _batch_moments(policy, dtype)
+    patch = model.config.patch_size
+    moments = _batch_moments(policy, dtype, patch)
     count, mean, m2, n_images = 0, None, None, 0
     for index, batch in enumerate(images):
         batch = jnp.asarray(batch)
@@ -182,6 +215,7 @@ def latent_statistics(
         global_std=float(np.sqrt(global_var)),
         count=int(count),
         images=n_images,
+        patch=patch,
     )
 
 
@@ -192,15 +226,16 @@ def apply_latent_statistics(
     *,
     target_std: float = 1.0,
 ) -> AutoencoderKL:
-    """`model` with its config's latent convention set from measured statistics.
+    """`model` with its latent convention set from measured statistics: its config's
+    scaling fields, or for FLUX.2 its BatchNorm statistics.
 
     **Arguments:**
 
     - `model`: the [`eqx_vae.AutoencoderKL`][] the statistics were measured on.
     - `stats`: from [`eqx_vae.latent_statistics`][].
     - `convention`: see [`eqx_vae.LatentStatistics.config_fields`][]; by default the one
-        `model`'s config already follows (per-channel when it has `latents_mean`,
-        shift and scale when it has a `shift_factor`, else scale alone).
+        `model` already follows (FLUX.2's BatchNorm, per-channel when the config has
+        `latents_mean`, shift and scale when it has a `shift_factor`, else scale alone).
     - `target_std`: the standard deviation of the scaled latents.
 
     **Returns:**
@@ -209,20 +244,29 @@ def apply_latent_statistics(
     from the measured data has mean about 0 (about `-shift * scale` for `"scaling"`,
     which does not centre) and standard deviation `target_std`.
     """
-    if stats.mean.shape != (model.latent_channels,):
+    channels = model.config.scaled_latent_channels
+    if stats.mean.shape != (channels,) or stats.patch != model.config.patch_size:
         raise ValueError(
-            f"The statistics are of {stats.mean.shape[0]} latent channels; the model has "
-            f"{model.latent_channels}."
+            f"The statistics are of {stats.mean.shape[0]} latent channels (patch "
+            f"{stats.patch}); the model has {channels} (patch {model.config.patch_size})."
         )
     if convention is None:
         convention = family_convention(model)
     fields = stats.config_fields(convention, target_std=target_std)
+    if convention == "batch_norm":
+        bn = model.bn
+        assert bn is not None
+        mean = jnp.asarray(fields["running_mean"], bn.running_mean.dtype)
+        var = jnp.asarray(fields["running_var"], bn.running_var.dtype)
+        return eqx.tree_at(lambda m: (m.bn.running_mean, m.bn.running_var), model, (mean, var))
     return with_config(model, model.config.replace(**fields))
 
 
 def family_convention(model: AutoencoderKL) -> Convention:
     """The latent convention `model`'s config follows."""
     config = model.config
+    if config.patch_size is not None:
+        return "batch_norm"
     if config.latents_mean is not None and config.latents_std is not None:
         return "per_channel"
     if config.shift_factor is not None:
@@ -230,9 +274,12 @@ def family_convention(model: AutoencoderKL) -> Convention:
     return "scaling"
 
 
-def _batch_moments(policy: Policy | None, dtype: DTypeLike | None) -> Any:
+def _batch_moments(
+    policy: Policy | None, dtype: DTypeLike | None, patch: tuple[int, int] | None
+) -> Any:
     """A compiled function of `(model, images, key)` to the batch's per-channel count,
-    mean and sum of squared deviations from that mean."""
+    mean and sum of squared deviations from that mean (of the patchified latent, with
+    `patch`)."""
 
     @eqx.filter_jit
     def moments(
@@ -243,6 +290,8 @@ def _batch_moments(policy: Policy | None, dtype: DTypeLike | None) -> Any:
         def latent(x: Array, k: Any) -> Array:
             posterior = model.encode(x, dtype=dtype, policy=policy)
             z = posterior.mode() if k is None else posterior.sample(k)
+            if patch is not None:
+                z = patchify(z, patch)
             return z.astype(jnp.float32)
 
         keys = None if key is None else jax.random.split(key, images.shape[0])

@@ -156,5 +156,34 @@ def test_statistics_errors(model, without_typechecks):
     with pytest.raises(ValueError, match="target_std"):
         eqx_vae.apply_latent_statistics(model, stats, target_std=0.0)
     other = eqx_vae.AutoencoderKL(small_config(latent_channels=4), key=jax.random.key(0))
-    with pytest.raises(ValueError, match="3 latent channels; the model has 4"):
+    with pytest.raises(ValueError, match=r"3 latent channels \(patch None\); the model has 4"):
         eqx_vae.apply_latent_statistics(other, stats)
+
+
+def test_flux2_statistics_are_its_batch_norm_statistics():
+    config = small_config(
+        block_out_channels=(16, 32), norm_num_groups=8, patch_size=(2, 2), latent_channels=3
+    )
+    flux2 = eqx_vae.AutoencoderKL(config, key=jax.random.key(2))
+    images = _images(jax.random.key(5), (4, 3, 16, 24))
+    stats = eqx_vae.latent_statistics(flux2, [images[:2], images[2:]])
+    assert stats.patch == (2, 2) and stats.mean.shape == (12,)  # 4 * latent_channels
+    assert stats.conventions() == ("batch_norm",)
+    normalised = eqx_vae.apply_latent_statistics(flux2, stats)  # FLUX.2's own convention
+    assert normalised.bn is not None and normalised.config == flux2.config
+    np.testing.assert_allclose(normalised.bn.running_mean, stats.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(normalised.bn.running_var, stats.std**2, rtol=1e-6)
+    # What the diffusion model sees, patchified and normalised: mean 0, std 1 per channel
+    # (std / sqrt(std**2 + eps) exactly).
+    z = jax.vmap(lambda x: normalised.scale_latents(normalised.encode(x).mode()))(images)
+    z = np.asarray(z, np.float64).transpose(1, 0, 2, 3).reshape(12, -1)
+    np.testing.assert_allclose(z.mean(axis=1), 0.0, atol=1e-4)
+    eps = flux2.config.batch_norm_eps
+    np.testing.assert_allclose(z.std(axis=1), stats.std / np.sqrt(stats.std**2 + eps), rtol=1e-4)
+    with pytest.raises(ValueError, match="patchified latent"):
+        eqx_vae.apply_latent_statistics(flux2, stats, "scaling")
+    with pytest.raises(ValueError, match="standard deviation 1"):
+        eqx_vae.apply_latent_statistics(flux2, stats, target_std=0.5)
+    restored = eqx_vae.LatentStatistics.from_dict(stats.to_dict())
+    assert restored.patch == (2, 2)
+    np.testing.assert_array_equal(restored.mean, stats.mean)

@@ -77,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
     f = model.spatial_factor
     if args.size % f:
         raise ValueError(f"--size must be a multiple of the model's spatial factor {f}.")
+    flux2 = model.config.patch_size is not None
+    if args.convention is not None and (args.convention == "batch_norm") != flux2:
+        raise ValueError(
+            f"--convention {args.convention}: "
+            + (
+                "FLUX.2 models normalise their latents by BatchNorm statistics (batch_norm)."
+                if flux2
+                else "batch_norm is FLUX.2's convention; this model has no latent BatchNorm."
+            )
+        )
     key = None if args.sample is None else jax.random.key(args.sample)
     bar = Progress(len(files), "encoding")
     stats = latent_statistics(

@@ -14,7 +14,7 @@ from .._custom_types import KeyArray
 from .._files import atomic_write
 from .._images import write_image
 from .._progress import Progress
-from .._statistics import CONVENTIONS, latent_statistics
+from .._statistics import latent_statistics
 from .._xla import compiler_options
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._data import DataPosition, ImageFolder
@@ -134,7 +134,7 @@ def _write_statistics(
         images.append(batch)
     stats = latent_statistics(model, images)
     record = stats.to_dict()
-    record["conventions"] = {c: stats.config_fields(c) for c in CONVENTIONS}
+    record["conventions"] = {c: stats.config_fields(c) for c in stats.conventions()}
     with atomic_write(path) as f:
         f.write(json.dumps(record, indent=2).encode())
 
