@@ -111,7 +111,7 @@ class LatentStatistics:
             raise ValueError(f"`target_std` must be positive, got {target_std}.")
         if (convention == "batch_norm") != (self.patch is not None):
             raise ValueError(
-                "The \"batch_norm\" convention (FLUX.2's) needs statistics of the "
+                "FLUX.2's batch_norm convention needs statistics of the "
                 "patchified latent, which only FLUX.2 models measure, and FLUX.2 models "
                 f"have no other; got {convention!r} for statistics with patch={self.patch}."
             )
