@@ -400,6 +400,9 @@ def test_flux2_latents_are_patchified_and_normalised(tmp_path):
     assert result.returncode == 1 and "scaled latents of shape (16, h, w)" in result.stderr
     out = run("info", *m).stdout
     assert "2x2 patches folded into the channels" in out
+    # The BatchNorm statistics are not parameters.
+    count = sum(x.size for x in jax.tree_util.tree_leaves(flux2))
+    assert f"{count - 2 * 16 - 1:,} parameters" in out
 
 
 @pytest.mark.slow

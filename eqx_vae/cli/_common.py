@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,7 +24,7 @@ from .._images import (
 from .._progress import Progress
 from .._tiling import tiled_decode, tiled_encode
 from .._xla import compiler_options
-from ._convert import BUILTIN, DTYPES, load_any
+from ._convert import BUILTIN, DTYPES, load_any, parameter_count
 
 
 SAMPLE_IMAGE = BUILTIN_PATH.parent / "chelsea.png"
@@ -178,9 +177,8 @@ class Runner:
 
 
 def describe(model: AutoencoderKL) -> str:
-    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
     c = model.config
     return (
-        f"{sum(x.size for x in leaves):,} parameters ({model.dtype}), spatial factor "
+        f"{parameter_count(model):,} parameters ({model.dtype}), spatial factor "
         f"{model.spatial_factor}, {c.latent_channels} latent channels"
     )

@@ -143,6 +143,12 @@ def load_any(
     return model, kind
 
 
+def parameter_count(model: AutoencoderKL) -> int:
+    """The number of parameters: weights and biases, not FLUX.2's BatchNorm statistics."""
+    statistics = sum(x.size for x in jax.tree_util.tree_leaves(model.bn))
+    return sum(x.size for x in jax.tree_util.tree_leaves(model)) - statistics
+
+
 def save_any(
     path: pathlib.Path, model: AutoencoderKL, kind: str, *, variant: str | None = None
 ) -> None:
@@ -168,11 +174,10 @@ def run(args: argparse.Namespace) -> int:
         keep_dtype=True,
     )
     save_any(args.dst, model, dst_kind, variant=args.variant)
-    leaves = jax.tree_util.tree_leaves(model)
-    count = sum(leaf.size for leaf in leaves)
     print(
-        f"converted {args.src} ({src_kind}) -> {args.dst} ({dst_kind}): {count:,} parameters, "
-        f"{leaves[0].dtype}, latent_channels={model.config.latent_channels}, "
+        f"converted {args.src} ({src_kind}) -> {args.dst} ({dst_kind}): "
+        f"{parameter_count(model):,} parameters, {model.dtype}, "
+        f"latent_channels={model.config.latent_channels}, "
         f"latent scaling {describe_convention(model.config)}"
     )
     return 0
