@@ -272,6 +272,7 @@ def from_flax_params(
     """
     if not isinstance(config, AutoencoderKLConfig):
         config = AutoencoderKLConfig.from_dict(config)
+    _refuse_flux2(config)
     leaves, problems = flax_leaves(params)
     return load_flax_leaves(leaves, problems, config, dtype=dtype, check_finite=check_finite)
 
@@ -294,6 +295,7 @@ def to_flax_params(model: AutoencoderKL) -> dict[str, Any]:
     """
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
+    _refuse_flux2(model.config)
     params: dict[str, Any] = {}
     for parameter, (_, leaf) in zip(
         flax_layout(model.config), named_parameters(model), strict=True
@@ -307,3 +309,11 @@ def to_flax_params(model: AutoencoderKL) -> dict[str, Any]:
             node = node.setdefault(module, {})
         node[name] = np.array(array, order="C")
     return params
+
+
+def _refuse_flux2(config: AutoencoderKLConfig) -> None:
+    if config.patch_size is not None:
+        raise ValueError(
+            "FLUX.2's autoencoder has no Flax layout (diffusers' FlaxAutoencoderKL has no "
+            "latent BatchNorm); use `load_diffusers`/`save_diffusers` or `eqx_vae.save`."
+        )

@@ -373,3 +373,12 @@ def test_chunked_arrays_agree_with_flax(tmp_path, monkeypatch):
     _assert_same_tree(serialization.msgpack_restore(theirs), tree)
     (tmp_path / "theirs.msgpack").write_bytes(theirs)
     _assert_same_tree(_flax_msgpack.read_flax_msgpack(tmp_path / "theirs.msgpack"), tree)
+
+
+def test_flux2_has_no_flax_layout():
+    config = small_config(patch_size=(2, 2))
+    model = eqx_vae.AutoencoderKL(config, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"FLUX\.2's autoencoder has no Flax layout"):
+        eqx_vae.to_flax_params(model)
+    with pytest.raises(ValueError, match=r"FLUX\.2's autoencoder has no Flax layout"):
+        eqx_vae.from_flax_params({}, config)
