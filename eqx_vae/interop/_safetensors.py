@@ -92,7 +92,7 @@ class TensorRef:
 
 class SafetensorsFile(Mapping[str, TensorRef]):
     """An open `.safetensors` file: a read-only mapping from tensor names to
-    [`TensorRef`][]s. Use as a context manager, or call `close()`."""
+    [`eqx_vae.interop.TensorRef`][]s. Use as a context manager, or call `close()`."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = pathlib.Path(path)
