@@ -1,7 +1,7 @@
 """Trains a small latent diffusion model on the built-in autoencoder's latents of
 scikit-image's sample photographs, samples new latents and decodes them to images.
 
-    pip install -e ".[train]" scikit-image
+    pip install -e ".[train]"
     python examples/latent_diffusion.py          # 600 steps: about 4.5 minutes on 2 CPU cores
     python examples/latent_diffusion.py --steps 20 --out runs/ldm_smoke
 

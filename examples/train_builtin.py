@@ -5,7 +5,7 @@ each crop's colour channels permuted (`--tune-steps`), and reports PSNR and SSIM
 two held-out photographs next to bicubic down- and up-sampling that keeps as many
 values as the latent.
 
-    pip install -e ".[train]" scikit-image
+    pip install -e ".[train]"
     python examples/train_builtin.py --out runs/builtin            # the shipped model
     python examples/train_builtin.py --out runs/smoke --steps 20 --tune-steps 20
 
