@@ -2,7 +2,7 @@
 scikit-image's sample photographs, samples new latents and decodes them to images.
 
     pip install -e ".[train]"
-    python examples/latent_diffusion.py          # 600 steps: about 4.5 minutes on 2 CPU cores
+    python examples/latent_diffusion.py          # 600 steps: about 3 minutes on 2 CPU cores
     python examples/latent_diffusion.py --steps 20 --out runs/ldm_smoke
 
 The denoiser is a two-level U-Net written with `eqx.Module` from eqx_vae's public blocks
