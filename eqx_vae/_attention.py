@@ -5,7 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from . import _init as init
 from ._block import SameChannelsBlock
@@ -78,7 +78,9 @@ class AttentionBlock(SameChannelsBlock):
             # The queries of this shard attend to the keys of the whole image.
             k = jax.lax.all_gather(k, policy.axis_name, axis=0, tiled=True)
             v = jax.lax.all_gather(v, policy.axis_name, axis=0, tiled=True)
-        out = linear(self.to_out[0], attend(q, k, v, policy), policy)
+        valid = scope.valid_mask(h, w)
+        keys = None if valid is None else valid.reshape(h * w)
+        out = linear(self.to_out[0], attend(q, k, v, policy, keys), policy)
         return x + out.reshape(h, w, c).astype(x.dtype), observed
 
 
@@ -95,21 +97,29 @@ def attention_algorithm(
 
 
 def attend(
-    q: Float[Array, "n d"], k: Float[Array, "m d"], v: Float[Array, "m d"], policy: Policy
+    q: Float[Array, "n d"],
+    k: Float[Array, "m d"],
+    v: Float[Array, "m d"],
+    policy: Policy,
+    keys: Bool[Array, " m"] | None = None,
 ) -> Float[Array, "n d"]:
     """`softmax(q k^T / sqrt(d)) v` with float32 scores, by the algorithm
-    `attention_algorithm` chooses."""
+    `attention_algorithm` chooses; with `keys` given, only the keys it marks are
+    attended to."""
     n, d = q.shape
     out_dtype = policy.stream_dtype(q.dtype)
     if attention_algorithm(n, k.shape[0], policy) == "xla":
         compute = q.dtype if policy.dtype is None else policy.dtype
         q4, k4, v4 = (a.astype(compute)[None, :, None, :] for a in (q, k, v))
-        out = jax.nn.dot_product_attention(q4, k4, v4, scale=1.0 / math.sqrt(d))
+        mask = None if keys is None else keys[None, None, None, :]
+        out = jax.nn.dot_product_attention(q4, k4, v4, mask=mask, scale=1.0 / math.sqrt(d))
         return out[0, :, 0, :].astype(out_dtype)
-    return _blocked_attention(q, k, v, policy, out_dtype)
+    return _blocked_attention(q, k, v, policy, out_dtype, keys)
 
 
-def _blocked_attention(q: Array, k: Array, v: Array, policy: Policy, out_dtype: np.dtype) -> Array:
+def _blocked_attention(
+    q: Array, k: Array, v: Array, policy: Policy, out_dtype: np.dtype, keys: Array | None
+) -> Array:
     """Attention in blocks of queries small enough that a block of float32 scores stays
     under `policy.attention_block_bytes`."""
     n, d = q.shape
@@ -125,6 +135,8 @@ def _blocked_attention(q: Array, k: Array, v: Array, policy: Policy, out_dtype: 
             scores = scores * q_scale.astype(jnp.float32)
         if k_scale is not None:
             scores = scores * k_scale.astype(jnp.float32)
+        if keys is not None:
+            scores = jnp.where(keys[None, :], scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(vc.dtype)
         out = jnp.matmul(weights, vc, preferred_element_type=out_dtype)
         return out if v_scale is None else out * v_scale

@@ -262,10 +262,18 @@ class AutoencoderKL(eqx.Module):
         )
         return (*steps, block_step("decoder", self.decoder))
 
-    def _run(self, steps: tuple[Step, ...], x: Float[Array, "c h w"], policy: Policy) -> Array:
+    def _run(
+        self,
+        steps: tuple[Step, ...],
+        x: Float[Array, "c h w"],
+        policy: Policy,
+        valid: Float[Array, "2"] | None = None,
+    ) -> Array:
         """The steps on a channels-first input under a resolved policy; channels-last
-        result."""
-        out, _ = run_steps(steps, self._prepare(x, policy), Scope(policy))
+        result. With `valid` (fractions of the rows and columns), only the top-left part
+        of the input is the image and the rest is padding it does not see (see
+        `Scope`)."""
+        out, _ = run_steps(steps, self._prepare(x, policy), Scope(policy, valid=valid))
         return out
 
     def _prepare(self, x: Float[Array, "c h w"], policy: Policy) -> Float[Array, "h w c"]:

@@ -102,6 +102,8 @@ def conv(layer: eqx.nn.Conv2d, x: Float[Array, "h w c"], scope: Scope) -> Float[
     algorithm, and halo rows from the neighbouring shards when the height is
     sharded)."""
     check_conv(layer)
+    if tuple(layer.kernel_size) != (1, 1):
+        x = scope.zero_padding(x)
     (top, bottom), (left, right) = layer.padding  # pyright: ignore[reportGeneralTypeIssues]
     x = pad_rows(x, int(top), int(bottom), scope.policy.axis_name)
     stride = (int(layer.stride[0]), int(layer.stride[1]))

@@ -67,6 +67,16 @@ def owned_moments(
     return count, mean, jnp.sum(jnp.square(deviations), axis=(0, 1, 3))
 
 
+def valid_moments(
+    x: Float[Array, "h w g cg"], valid: Float[Array, "2"]
+) -> tuple[Float[Array, " g"], Float[Array, " g"]]:
+    """Mean and (biased) variance of each group over the valid top-left part of a
+    padded map (`valid`: its fractions of the rows and columns)."""
+    owned = jnp.stack([jnp.zeros(2, jnp.float32), valid.astype(jnp.float32)], axis=1)
+    count, mean, squares = owned_moments(x, owned)
+    return mean, squares / count
+
+
 def group_norm(
     norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"], scope: Scope, *, silu: bool = False
 ) -> tuple[Float[Array, "h w c"], Observed]:
@@ -85,6 +95,8 @@ def group_norm(
     given = (scope.policy.norm_stats or {}).get(scope.place)
     if given is not None:
         mean, var = (s.astype(wide) for s in given)
+    elif scope.valid is not None:
+        mean, var = valid_moments(xf, scope.valid)
     else:
         mean, var = group_moments(xf, scope.policy.axis_name)
     scale = jax.lax.rsqrt(var + norm.eps).reshape(1, 1, groups, 1)

@@ -111,7 +111,7 @@ def upsample_conv(
             f"kernel {layer.kernel_size}, stride {layer.stride}, padding {layer.padding}."
         )
     h, w, _ = x.shape
-    padded = pad_rows(x, 1, 1, scope.policy.axis_name)
+    padded = pad_rows(scope.zero_padding(x), 1, 1, scope.policy.axis_name)
     rows = []
     for a, row_kernel in enumerate(_phase_kernels(layer.weight, 2)):
         phases = []
