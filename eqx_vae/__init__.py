@@ -21,6 +21,7 @@ from ._policy import Policy as Policy
 from ._resnet import ResnetBlock2D as ResnetBlock2D
 from ._sampling import Downsample2D as Downsample2D, Upsample2D as Upsample2D
 from ._serialisation import load as load, save as save
+from ._serving import Codec as Codec, Compiled as Compiled, compile as compile
 from ._sharding import sharded_decode as sharded_decode, sharded_encode as sharded_encode
 from ._state_dict import (
     from_diffusers_state_dict as from_diffusers_state_dict,

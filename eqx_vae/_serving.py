@@ -134,7 +134,7 @@ class Compiled:
 
         args: list[Any] = [self.input]
         if bucketed:
-            args.append(jax.ShapeDtypeStruct(self.input.shape[:-3] + (2,), jnp.float32))
+            args.append(jax.ShapeDtypeStruct((*self.input.shape[:-3], 2), jnp.float32))
         start = time.perf_counter()
         lowered = jax.jit(run).lower(params, *args)
         self._executable = lowered.compile(compiler_options=compiler_options(backend))
@@ -330,7 +330,12 @@ class Codec:
         return -(-n // last) * last
 
     def prepare(
-        self, method: Method, size: Sequence[int], *, batch: int | None = None, pixels: bool = False
+        self,
+        method: Method,
+        size: Sequence[int],
+        *,
+        batch: int | None = None,
+        pixels: bool = False,
     ) -> Compiled:
         """The program for inputs of image size `size` (before bucketing), compiled now
         if it is not yet: call it ahead of the first request to take compilation off
