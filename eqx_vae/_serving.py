@@ -98,13 +98,19 @@ def check_size(model: AutoencoderKL, size: Sequence[int], what: str = "`size`") 
 
 class Compiled:
     """An encoder or decoder compiled ahead of time for one input shape and dtype: call
-    it on an input of that shape. Made by [`eqx_vae.compile`][]."""
+    it on an input of that shape. Made by [`eqx_vae.compile`][].
+
+    Its attributes: `method`, `size` (the image's height and width), `batch`,
+    `pixels`, `input` (the input's shape and dtype, a `jax.ShapeDtypeStruct`),
+    `executable` (the `jax.stages.Compiled`, for its `cost_analysis()`,
+    `memory_analysis()` or `as_text()`) and `compile_seconds`."""
 
     method: Method
     size: tuple[int, int]
     batch: int | None
     pixels: bool
     input: jax.ShapeDtypeStruct
+    executable: jax.stages.Compiled
     compile_seconds: float
 
     def __init__(
@@ -137,7 +143,7 @@ class Compiled:
             args.append(jax.ShapeDtypeStruct((*self.input.shape[:-3], 2), jnp.float32))
         start = time.perf_counter()
         lowered = jax.jit(run).lower(params, *args)
-        self._executable = lowered.compile(compiler_options=compiler_options(backend))
+        self.executable = lowered.compile(compiler_options=compiler_options(backend))
         self.compile_seconds = time.perf_counter() - start
         self._params = params
 
@@ -153,8 +159,8 @@ class Compiled:
                 "(`eqx_vae.compile`), or use `eqx_vae.Codec` for images of any size."
             )
         if self._bucketed:
-            return self._executable(self._params, x, valid)
-        return self._executable(self._params, x)
+            return self.executable(self._params, x, valid)
+        return self.executable(self._params, x)
 
     def __repr__(self) -> str:
         return (

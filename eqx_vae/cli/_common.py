@@ -22,6 +22,7 @@ from .._images import (
     write_image as write_image,
 )
 from .._progress import Progress
+from .._serving import Codec
 from .._tiling import tiled_decode, tiled_encode
 from .._xla import compiler_options
 from ._convert import BUILTIN, DTYPES, load_any, parameter_count
@@ -127,28 +128,22 @@ def exit_status(command: str, failures: list[str], total: int, what: str) -> int
 
 
 class Runner:
-    """Encoding and decoding of single images of any size with a loaded model:
-    compiled once per shape, edge-padded to the spatial factor and cropped back, tile
-    by tile when `tile` is given."""
+    """Encoding and decoding of single images of any size with a loaded model: through
+    the few programs of an `eqx_vae.Codec` (one per bucket shape, exact), or, when
+    `tile` is given, tile by tile, compiled once per shape. Images are edge-padded to
+    the spatial factor and cropped back."""
 
     def __init__(self, model: AutoencoderKL, dtype: Any = None, tile: int | None = None):
         self.model = model
-        self.dtype = dtype
         self.tile = tile
-        options = compiler_options()
-        if tile is None:
+        self.codec = None if tile is not None else Codec(model, dtype=dtype)
+        if tile is not None:
+            options = compiler_options()
             self._encode: Callable = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
-                lambda m, x: m.encode(x, dtype=dtype), compiler_options=options
-            )
-            self._decode: Callable = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
-                lambda m, z: m.decode(z, dtype=dtype), compiler_options=options
-            )
-        else:
-            self._encode = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
                 lambda m, x: tiled_encode(m, x, tile_size=tile, dtype=dtype),
                 compiler_options=options,
             )
-            self._decode = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
+            self._decode: Callable = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
                 lambda m, z: tiled_decode(m, z, tile_size=tile, dtype=dtype),
                 compiler_options=options,
             )
@@ -162,6 +157,8 @@ class Runner:
             raise ValueError(
                 f"The model encodes {channels}-channel images, got {image.shape[0]} channels."
             )
+        if self.codec is not None:
+            return self.codec.encode(image)
         ph, pw = self.model.config.latent_patch
         fh, fw = self.model.spatial_factor * ph, self.model.spatial_factor * pw
         _, h, w = image.shape
@@ -169,6 +166,9 @@ class Runner:
         return self._encode(self.model, jnp.asarray(padded))
 
     def decode(self, z: Any) -> np.ndarray:
+        """The image `(C, H, W)` of a latent, as float32."""
+        if self.codec is not None:
+            return np.asarray(self.codec.decode(z), np.float32)
         return np.asarray(self._decode(self.model, jnp.asarray(z)), np.float32)
 
     def reconstruct(self, image: np.ndarray) -> np.ndarray:

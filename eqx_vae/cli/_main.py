@@ -1,4 +1,5 @@
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _convert.add_parser(commands)
     _stats.add_parser(commands)
     args = parser.parse_args(argv)
+    use_compilation_cache()
     try:
         return args.run(args)
     except (CheckpointError, ValueError, OSError) as e:
@@ -35,3 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eqx-vae {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def use_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache, so that a second run finds the
+    programs the first one compiled: in `$XDG_CACHE_HOME/eqx_vae/jax` (by default
+    `~/.cache/eqx_vae/jax`), unless `JAX_COMPILATION_CACHE_DIR` names another folder
+    or `EQX_VAE_NO_COMPILATION_CACHE` is set."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or os.environ.get("EQX_VAE_NO_COMPILATION_CACHE"):
+        return
+    import jax
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "eqx_vae", "jax"))
