@@ -16,6 +16,7 @@ import pytest
 from helpers import small_config
 
 import eqx_vae
+from eqx_vae.cli import main
 
 
 READER = pathlib.Path(eqx_vae.__file__).parent / "_exported_reader.py"
@@ -244,3 +245,22 @@ def test_arguments_are_checked(model, tmp_path, without_typechecks):
             eqx_vae.export(model, path, **kwargs)
     assert not path.exists()
 
+
+def test_the_command_line_writes_a_file_that_loads(model, tmp_path, capsys):
+    eqx_vae.save(tmp_path / "vae.eqx", model)
+    out = tmp_path / "vae.zip"
+    argv = ["export", "--model", tmp_path / "vae.eqx", "--resolutions", "32,32x48"]
+    assert main([*map(str, argv), "--methods", "decode", "--dtype", "bfloat16", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "decode 32x48: (b, 4, 16, 24) float32 -> (b, 3, 32, 48) float32" in printed
+    assert f"wrote {out} (" in printed and "2 programs" in printed
+    exported = eqx_vae.load_exported(out)
+    assert [(p.method, p.size) for p in exported.programs] == [
+        ("decode", (32, 32)),
+        ("decode", (32, 48)),
+    ]
+    assert exported.header["compute_dtype"] == "bfloat16"
+    assert main(["export", "--resolutions", "32,0,ax2", "--methods", "sample", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "--resolutions 0: must be N" in error and "--resolutions ax2" in error
+    assert "--methods sample: must be one of encode, decode" in error

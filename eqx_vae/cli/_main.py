@@ -3,7 +3,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import CheckpointError
-from . import _convert, _info, _latents, _reconstruct, _stats, _train
+from . import _convert, _export, _info, _latents, _reconstruct, _stats, _train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _train.add_parser(commands)
     _convert.add_parser(commands)
     _stats.add_parser(commands)
+    _export.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
