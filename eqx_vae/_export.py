@@ -77,6 +77,8 @@ def export(
         images = vae.decode(512)(latents)  # any batch: (B, 4, 64, 64) -> (B, 3, 512, 512)
         ```
     """
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"`model` must be an AutoencoderKL, got {type(model).__name__}.")
     sizes = _sizes(model, resolutions)
     kinds = _methods(methods)
     platforms = _platforms(platforms)
@@ -87,13 +89,13 @@ def export(
     leaves, treedef = jax.tree_util.tree_flatten(params)
     names = [name for name, _ in named_parameters(model)]
     programs: list[tuple[dict[str, Any], bytes]] = []
-    conventions = set()
+    convention = None
     for method in kinds:
         run = _batched(method, policy, pixels, treedef, static)
         for size in sizes:
             x = input_spec(model, method, size, None, jnp.float32, pixels)
             exported = _export_one(run, leaves, x, platforms)
-            conventions.add(exported.calling_convention_version)
+            convention = exported.calling_convention_version  # one per jax version
             entry = _program_entry(method, size, pixels, exported)
             programs.append((entry, bytes(exported.serialize())))
     header = {
@@ -103,7 +105,7 @@ def export(
         "jax_version": jax.__version__,
         "jaxlib_version": _jaxlib_version(),
         "platforms": list(platforms),
-        "calling_convention_version": conventions.pop(),
+        "calling_convention_version": convention,
         "compiler_options": {p: _options(p) for p in platforms},
         "config": model.config.to_dict(),
         "compute_dtype": None if policy.dtype is None else np.dtype(policy.dtype).name,

@@ -243,6 +243,8 @@ def test_arguments_are_checked(model, tmp_path, without_typechecks):
     ]:
         with pytest.raises(ValueError, match=message):
             eqx_vae.export(model, path, **kwargs)
+    with pytest.raises(TypeError, match="must be an AutoencoderKL"):
+        eqx_vae.export(model.decoder, path, resolutions=[32])
     assert not path.exists()
 
 
