@@ -11,6 +11,13 @@ from ._decoder import Decoder as Decoder
 from ._distribution import DiagonalGaussian as DiagonalGaussian
 from ._encoder import Encoder as Encoder
 from ._errors import CheckpointError as CheckpointError
+from ._export import export as export
+from ._exported_reader import (
+    ExportedModel as ExportedModel,
+    ExportedProgram as ExportedProgram,
+    IncompatibleArtefactError as IncompatibleArtefactError,
+    load_exported as load_exported,
+)
 from ._flax_params import from_flax_params as from_flax_params, to_flax_params as to_flax_params
 from ._levels import (
     DownEncoderBlock2D as DownEncoderBlock2D,

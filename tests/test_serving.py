@@ -129,7 +129,7 @@ def test_codec_batches(model):
     images = np.random.default_rng(1).uniform(-1, 1, (2, 3, 20, 28)).astype(np.float32)
     batched = codec.reconstruct(images)
     assert batched.shape == (2, 3, 20, 28)
-    for image, out in zip(images, batched):
+    for image, out in zip(images, batched, strict=True):
         assert_close(out, codec.reconstruct(image), rtol=1e-5)
 
 

@@ -4,7 +4,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import CheckpointError
-from . import _convert, _info, _latents, _reconstruct, _stats, _train
+from . import _convert, _export, _info, _latents, _reconstruct, _stats, _train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _train.add_parser(commands)
     _convert.add_parser(commands)
     _stats.add_parser(commands)
+    _export.add_parser(commands)
     args = parser.parse_args(argv)
     use_compilation_cache()
     try:
