@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import equinox as eqx
 import jax
+import jax.export  # a submodule to import explicitly under older jax versions
 import jax.numpy as jnp
 import numpy as np
 

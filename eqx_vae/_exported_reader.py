@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.export  # a submodule to import explicitly under older jax versions
 import numpy as np
 
 

@@ -11,6 +11,7 @@ import zipfile
 
 import equinox as eqx
 import jax
+import jax.export  # a submodule to import explicitly under older jax versions
 import numpy as np
 import pytest
 from helpers import small_config
