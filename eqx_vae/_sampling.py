@@ -130,4 +130,7 @@ def upsample_conv(
                 )
             )
         rows.append(jnp.stack(phases, axis=2))  # (h, w, 2, o): b interleaved
-    return jnp.stack(rows, axis=1).reshape(2 * h, 2 * w, -1)  # a interleaved
+    # (h, 2, w, 2, o) -> (2h, 2w, o), one merge at a time: a reshape that merges two
+    # pairs of axes at once has no sharding rule on a mesh with explicit axes.
+    merged = jnp.stack(rows, axis=1).reshape(h, 2, 2 * w, -1)
+    return merged.reshape(2 * h, 2 * w, -1)  # a interleaved

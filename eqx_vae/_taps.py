@@ -30,9 +30,12 @@ def _taps_conv3x3(weight: Array, x: Array, out_dtype: Any) -> Array:
     rows, width, channels = x.shape
     out = weight.shape[0]
     kernel = _tap_kernel(weight)
+    # Each reshape splits or merges one axis only: those have a sharding rule on a mesh
+    # with explicit axes (a batch sharded under jax.vmap), two at once have none.
     contributions = jnp.matmul(
         x.reshape(rows * width, channels), kernel, preferred_element_type=out_dtype
-    ).reshape(rows, width, 3, 3, out)
+    ).reshape(rows, width, 9 * out)
+    contributions = contributions.reshape(rows, width, 3, 3, out)
     contributions = jnp.pad(contributions, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     y = None
     for i in range(3):
@@ -66,7 +69,8 @@ def _taps_backward(
             for i in range(3)
         ],
         2,
-    ).reshape(rows * width, 9 * out)  # (rows, width, 3, 3, out) flattened
+    )  # (rows, width, 3, 3, out), flattened one axis at a time as in _taps_conv3x3
+    taps = taps.reshape(rows, width, 9 * out).reshape(rows * width, 9 * out)
     kernel = _tap_kernel(weight)
     dx = jnp.matmul(taps, kernel.T.astype(taps.dtype)).reshape(rows, width, channels)
     dkernel = jnp.matmul(x.reshape(rows * width, channels).T.astype(taps.dtype), taps)

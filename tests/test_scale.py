@@ -220,6 +220,27 @@ def test_compute_dtype_must_be_floating(model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_batch_sharded_over_a_mesh(model, axis_type):
+    # jax.make_mesh gives explicit axes by default: every reshape then needs a sharding
+    # rule, which exists for splitting or merging one axis at a time only.
+    kind = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
+    mesh = jax.make_mesh(
+        (4,), ("batch",), axis_types=(kind[axis_type],), devices=jax.devices()[:4]
+    )
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    x = jax.random.uniform(jax.random.key(6), (4, 3, 16, 16), minval=-1, maxval=1)
+    z = jax.random.normal(jax.random.key(7), (4, 4, 4, 4))
+    encode = eqx.filter_jit(lambda m, x: jax.vmap(m.encode)(x).mean)
+    decode = eqx.filter_jit(lambda m, z: jax.vmap(m.decode)(z))
+    means = encode(model, jax.device_put(x, batch))
+    images = decode(model, jax.device_put(z, batch))
+    assert images.sharding.is_equivalent_to(batch, images.ndim)
+    assert_close(means, jax.vmap(model.encode)(x).mean, rtol=1e-5)
+    assert_close(images, jax.vmap(model.decode)(z), rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_batches_in_chunks_equal_vmap(model):
     latents = jax.random.normal(jax.random.key(5), (6, 4, 8, 8))
     chunked = jax.lax.map(model.decode, latents, batch_size=4)
