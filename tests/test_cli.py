@@ -296,6 +296,8 @@ def test_reconstruct_a_folder(model, tmp_path):
         _photo(tmp_path / "in" / f"{i}.jpg", 24 + 4 * i, 32)
     result = run("reconstruct", tmp_path / "in", tmp_path / "out", "--model", tmp_path / "m.eqx")
     assert "3 images: mean PSNR" in result.stdout
+    # Three sizes, one bucket: an encoder and a decoder compiled, once each.
+    assert "; 2 programs compiled" in result.stdout
     assert "reconstructing" in result.stderr  # the progress bar
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
 

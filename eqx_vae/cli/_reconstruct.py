@@ -98,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
     failures = run_jobs(jobs, "reconstructing", reconstruct)
     if len(scores) > 1:
         mean = np.mean(scores, axis=0)
+        programs = (
+            "" if runner.codec is None else f"; {len(runner.codec.programs)} programs compiled"
+        )
         print(
             f"{len(scores)} images: mean PSNR {mean[0]:.2f} dB, SSIM {mean[1]:.4f} "
-            f"(bicubic {mean[2]:.2f} dB)"
+            f"(bicubic {mean[2]:.2f} dB){programs}"
         )
     return exit_status(args.command, failures, len(jobs), "images")
