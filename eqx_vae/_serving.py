@@ -3,6 +3,7 @@ of time under the backend's compiler options, with 8-bit pixels in and out on th
 device; and [`eqx_vae.Codec`][], which runs images of any size through a few such
 programs by padding them to a bucket shape."""
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -126,8 +127,6 @@ class Compiled:
         input_dtype: Any,
         backend: str | None,
     ):
-        import time
-
         self.method, self.size, self.batch, self.pixels = method, size, batch, pixels
         self._bucketed = bucketed
         self.input = input_spec(model, method, size, batch, input_dtype, pixels)
