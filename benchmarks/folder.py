@@ -18,7 +18,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _common import Timer, machine, run_child, versions
 
 
-PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+PHOTOGRAPHS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 
 
 def make_folder(folder: pathlib.Path, count: int, low: int, high: int, seed: int) -> set:
