@@ -17,13 +17,14 @@ import pathlib
 import sys
 import tempfile
 import time
+from typing import Literal
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _common import Timer, machine, run_child, table, versions
 
 
-def child(method: str, size: int) -> None:
+def child(method: Literal["encode", "decode"], size: int) -> None:
     start = time.perf_counter()
     import jax
     import jax.numpy as jnp
@@ -56,7 +57,7 @@ def child(method: str, size: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--method", choices=("encode", "decode"), default="decode")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

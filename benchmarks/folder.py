@@ -55,8 +55,8 @@ def child(folder: str, out: str) -> None:
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: (
-            compiles.append(seconds)
+        lambda event, duration_secs, **_: (
+            compiles.append(duration_secs)
             if event == "/jax/core/compile/backend_compile_duration"
             else None
         )
@@ -68,7 +68,7 @@ def child(folder: str, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--min-size", type=int, default=160)
     parser.add_argument("--max-size", type=int, default=640)

@@ -81,7 +81,7 @@ def torch_child(folder: pathlib.Path, sizes: list[int], repeats: int) -> dict:
     }
     for dtype in DTYPES:
         model = AutoencoderKL.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
-        model = model.to(device).eval()  # pyright: ignore[reportCallIssue]
+        model = model.to(device).eval()  # pyright: ignore[reportCallIssue, reportArgumentType]
         for size in sizes:
             for op in ("encode", "decode"):
                 x = torch.from_numpy(inputs(op, size)).to(device, getattr(torch, dtype))
