@@ -27,6 +27,7 @@ standard error.
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import os
 import pathlib
@@ -247,14 +248,19 @@ def worker(args: argparse.Namespace) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Measure compiling: no compilation cache shared between the workers or runs.
     jax.config.update("jax_enable_compilation_cache", False)
+    timeouts = {
+        "initialization_timeout": int(min(args.timeout, 120)),
+        "heartbeat_timeout_seconds": 30,
+        # Process 0 computes the reference after the others are done with the job.
+        "shutdown_timeout_seconds": int(args.timeout),
+    }
+    # Older JAX versions take fewer of these.
+    known = inspect.signature(jax.distributed.initialize).parameters
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
         num_processes=args.processes,
         process_id=args.worker,
-        initialization_timeout=int(min(args.timeout, 120)),
-        heartbeat_timeout_seconds=30,
-        # Process 0 computes the reference after the others are done with the job.
-        shutdown_timeout_seconds=int(args.timeout),
+        **{name: value for name, value in timeouts.items() if name in known},
     )
     import eqx_vae
 
@@ -414,8 +420,12 @@ def _compile(fn: Any, *args: Any) -> tuple[Callable, float]:
     """`fn` (an `eqx.filter_jit` function) compiled for `args`, and the seconds it took."""
     import eqx_vae
 
+    options = eqx_vae.compiler_options()
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile(compiler_options=eqx_vae.compiler_options())
+    # Older Equinox versions' `lower(...).compile()` takes no options (and older jaxlibs
+    # know none to give).
+    lowered = fn.lower(*args)
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     return compiled, time.perf_counter() - start
 
 
