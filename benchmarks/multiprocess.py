@@ -248,7 +248,7 @@ def worker(args: argparse.Namespace) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Measure compiling: no compilation cache shared between the workers or runs.
     jax.config.update("jax_enable_compilation_cache", False)
-    timeouts = {
+    timeouts: dict[str, Any] = {
         "initialization_timeout": int(min(args.timeout, 120)),
         "heartbeat_timeout_seconds": 30,
         # Process 0 computes the reference after the others are done with the job.
