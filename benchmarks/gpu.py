@@ -16,31 +16,13 @@ import statistics
 import sys
 import tempfile
 
-import numpy as np
-
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _common import Timer, run_child, table
+from inference import inputs, time_runs
 
 
 DTYPES = ("bfloat16", "float32")
-
-
-def inputs(op: str, size: int) -> np.ndarray:
-    rng = np.random.default_rng(size + (0 if op == "encode" else 1))
-    if op == "encode":
-        return rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32)
-    return rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
-
-
-def best_of(fn, repeats: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        with Timer() as t:
-            fn()
-        times.append(t.seconds)
-    return times
 
 
 def eqx_child(folder: pathlib.Path, sizes: list[int], repeats: int) -> dict:
@@ -64,7 +46,7 @@ def eqx_child(folder: pathlib.Path, sizes: list[int], repeats: int) -> dict:
                 else:
                     run = lambda p=program, x=x: p(x).block_until_ready()  # noqa: E731
                 out["ops"][f"{dtype} {op} {size}"] = {
-                    "times": best_of(run, repeats),
+                    "times": time_runs(run, repeats),
                     "compile": compile_time.seconds,
                 }
     return out
@@ -97,7 +79,7 @@ def torch_child(folder: pathlib.Path, sizes: list[int], repeats: int) -> dict:
                         torch.cuda.synchronize()
                     return y
 
-                out["ops"][f"{dtype} {op} {size}"] = {"times": best_of(run, repeats)}
+                out["ops"][f"{dtype} {op} {size}"] = {"times": time_runs(run, repeats)}
     return out
 
 
