@@ -76,14 +76,43 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="shuffle each crop's RGB channels (colour augmentation)",
     )
+    parser.add_argument(
+        "--dead-leaves",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help=(
+            "make this fraction of the samples synthetic dead-leaves images coloured "
+            "from the folder's images (default 0)"
+        ),
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument(
-        "--cosine", action="store_true", help="decay the learning rate to a tenth by --steps"
+        "--learning-rate",
+        type=float,
+        help=(
+            f"Adam's learning rate (default {defaults.learning_rate:g} to fine-tune a "
+            f"--model, {FROM_SCRATCH['learning_rate']:g} for a new one)"
+        ),
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        help=(
+            "linear warm-up steps (default 0 to fine-tune, "
+            f"min({FROM_SCRATCH['warmup_steps']}, --steps / 2) for a new model)"
+        ),
+    )
+    parser.add_argument(
+        "--cosine",
+        action=argparse.BooleanOptionalAction,
+        help=(
+            "decay the learning rate to a tenth by --steps (default: on for a new model, "
+            "off to fine-tune)"
+        ),
     )
     parser.add_argument("--reconstruction", choices=["l1", "l2"], default="l1")
     parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
@@ -99,7 +128,15 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: Any) -> Non
         "--vgg16", type=pathlib.Path, help="torchvision's VGG16 weights, for LPIPS"
     )
     parser.add_argument("--decoder-only", action="store_true")
-    parser.add_argument("--ema", type=float, metavar="DECAY", help="keep EMA weights")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help=(
+            "keep EMA weights (default: none to fine-tune, "
+            f"{FROM_SCRATCH['ema_decay']} for a new model)"
+        ),
+    )
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +162,44 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The settings a new model trains with unless told otherwise: those that trained the
+# built-in model (examples/train_builtin.py). The recipe's own learning rate, 4.5e-6,
+# is for fine-tuning a trained model; a new one at that rate barely moves.
+FROM_SCRATCH: dict[str, Any] = {
+    "learning_rate": 2e-3,
+    "warmup_steps": 100,
+    "cosine": True,
+    "betas": (0.9, 0.99),
+    "ema_decay": 0.999,
+}
+
+
+def resolve_recipe(args: argparse.Namespace) -> str:
+    """Fills the recipe options left unset with the settings for a new model (no
+    `--model`) or for fine-tuning, and says which."""
+    new = args.model is None
+    tuning = _train_config_defaults()
+    if args.learning_rate is None:
+        args.learning_rate = FROM_SCRATCH["learning_rate"] if new else tuning.learning_rate
+    if args.warmup_steps is None:
+        args.warmup_steps = min(FROM_SCRATCH["warmup_steps"], args.steps // 2) if new else 0
+    if args.cosine is None:
+        args.cosine = FROM_SCRATCH["cosine"] if new else False
+    if args.ema is None and new:
+        args.ema = FROM_SCRATCH["ema_decay"]
+    args.betas = FROM_SCRATCH["betas"] if new else tuning.betas
+    start = (
+        f"a new {args.new} model, with the from-scratch settings"
+        if new
+        else f"fine-tuning {args.model}, with the recipe's settings"
+    )
+    return (
+        f"{start} unless given: learning rate {args.learning_rate:g}, "
+        f"{args.warmup_steps} warm-up steps, {'cosine' if args.cosine else 'no'} decay, "
+        f"Adam betas {args.betas}, EMA {args.ema}"
+    )
+
+
 def _train_config_defaults() -> Any:
     from ..train._state import TrainConfig  # needs no optax
 
@@ -135,6 +210,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Raises `ValueError` naming every option whose value training would refuse or
     crash on, before any data or model is loaded."""
     problems = ArgumentProblems()
+    problems.check(
+        0 <= args.dead_leaves <= 1, "--dead-leaves", args.dead_leaves, "must lie in [0, 1]"
+    )
     for options, minimum in [
         (("--steps", "--batch-size", "--crop-size", "--accumulate"), 1),
         (("--sample-every", "--checkpoint-every"), 1),
@@ -147,7 +225,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     problems.check(0 < low <= high, "--scale", args.scale, "must be a range 0 < LOW <= HIGH")
     if args.ema is not None:
         problems.check(0 < args.ema < 1, "--ema", args.ema, "must lie between 0 and 1")
-    if args.cosine:
+    if args.cosine and args.steps >= 1:
         problems.check(
             args.steps > args.warmup_steps,
             "--steps",
@@ -199,12 +277,13 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import train
 
+    recipe = resolve_recipe(args)
     check_arguments(args)
     config = _train_config(args)
     lpips = None
     if args.perceptual_weight > 0:  # with --vgg16, as checked
         lpips = train.LPIPS.from_files(args.vgg16)
-    data = train.ImageFolder(
+    folder = train.ImageFolder(
         args.data,
         crop_size=args.crop_size,
         batch_size=args.batch_size,
@@ -212,16 +291,33 @@ def run(args: argparse.Namespace) -> int:
         scale=tuple(args.scale),
         permute_channels=args.permute_channels,
     )
+    data: Any = folder
+    if args.dead_leaves > 0:
+        leaves = train.DeadLeaves(
+            crop_size=args.crop_size,
+            batch_size=args.batch_size,
+            seed=args.seed + 1,
+            colours=_palette(folder),
+        )
+        data = train.Mixture(
+            [folder, leaves],
+            [1 - args.dead_leaves, args.dead_leaves],
+            batch_size=args.batch_size,
+            seed=args.seed + 2,
+        )
     key = jax.random.key(args.seed)
     vae = _starting_model(args, jax.random.fold_in(key, 0))
-    print(f"training {describe(vae)} on {len(data.files)} images from {args.data}")
+    print(f"training {describe(vae)} on {len(folder.files)} images from {args.data}")
+    if args.dead_leaves > 0:
+        print(f"{args.dead_leaves:.0%} of the samples are dead-leaves images")
+    print(recipe)
     print("config:", {k: v for k, v in dataclasses.asdict(config).items()})
     optimizers = train.make_optimizers(config)
     state = train.init_state(vae, config, optimizers, key=jax.random.fold_in(key, 1))
     mesh = None
     if args.devices > 1:
         mesh = Mesh(np.asarray(jax.local_devices()[: args.devices]), ("batch",))
-    samples, _ = data.batch(train.DataPosition(epoch=1_000_000))
+    samples, _ = folder.batch(train.DataPosition(epoch=1_000_000))
     state = train.fit(
         state,
         config,
@@ -264,6 +360,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         decay_steps=args.steps if args.cosine else None,
         decoder_only=args.decoder_only,
         ema_decay=args.ema,
+        betas=args.betas,
         accumulate=args.accumulate,
         checkpoint=args.checkpointing,
         compute_dtype=args.dtype,
@@ -283,3 +380,15 @@ def _starting_model(args: argparse.Namespace, key: Any) -> AutoencoderKL:
             f"of --model {args.model}."
         )
     return vae
+
+
+def _palette(folder: Any, batches: int = 8) -> np.ndarray:
+    """Colours for dead-leaves images: the pixels of a few batches of the folder's
+    crops (from an epoch training does not reach)."""
+    from .. import train
+
+    position, pixels = train.DataPosition(epoch=2_000_000), []
+    for _ in range(batches):
+        batch, position = folder.batch(position)
+        pixels.append(np.moveaxis(batch, 1, -1).reshape(-1, 3))
+    return np.concatenate(pixels)

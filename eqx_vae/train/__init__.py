@@ -2,7 +2,12 @@
 and, for the data pipeline, Pillow: `pip install 'eqx_vae[train]'`)."""
 
 from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
-from ._data import DataPosition as DataPosition, ImageFolder as ImageFolder
+from ._data import (
+    DataPosition as DataPosition,
+    ImageFolder as ImageFolder,
+    Mixture as Mixture,
+    Samples as Samples,
+)
 from ._discriminator import PatchDiscriminator as PatchDiscriminator
 from ._loop import fit as fit, plot_losses as plot_losses
 from ._losses import (
@@ -34,3 +39,4 @@ from ._step import (
     make_train_step as make_train_step,
     update_ema as update_ema,
 )
+from ._synthetic import DeadLeaves as DeadLeaves

@@ -20,7 +20,70 @@ class DataPosition:
     index: int = 0
 
 
-class ImageFolder:
+class Samples:
+    """A deterministic, endless stream of samples in `[-1, 1]`, channels first, grouped
+    in batches: what [`eqx_vae.train.fit`][] trains on.
+
+    A subclass gives `epoch_size` (samples per epoch) and `sample(epoch, index)`, a
+    function of its arguments and the stream's seed alone. A batch is then a function
+    of its `DataPosition`, so a resumed run sees the batches an uninterrupted one
+    would.
+    """
+
+    batch_size: int
+    epoch_size: int
+    prefetch: int = 2
+
+    def sample(self, epoch: int, index: int) -> np.ndarray:
+        """The sample at position `(epoch, index)` of the stream, `(C, H, W)`."""
+        raise NotImplementedError
+
+    def batch(self, position: DataPosition) -> tuple[np.ndarray, DataPosition]:
+        """The batch starting at `position`, and the position after it."""
+        epoch, index = position.epoch, position.index
+        samples = []
+        for _ in range(self.batch_size):
+            if index >= self.epoch_size:
+                epoch, index = epoch + 1, 0
+            samples.append(self.sample(epoch, index))
+            index += 1
+        return np.stack(samples), DataPosition(epoch, index)
+
+    def batches(
+        self, start: DataPosition = DataPosition()
+    ) -> Generator[tuple[np.ndarray, DataPosition], None, None]:
+        """Batches from `start` on, each with the position after it, decoded in a
+        background thread."""
+        results: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def produce() -> None:
+            position = start
+            try:
+                while not stop.is_set():
+                    batch, position = self.batch(position)
+                    while not stop.is_set():
+                        try:
+                            results.put((batch, position), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # handed to the consumer
+                results.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+class ImageFolder(Samples):
     """The images under a folder (recursively), as an endless, deterministic stream of
     batches of random crops and horizontal flips.
 
@@ -75,6 +138,10 @@ class ImageFolder:
         self._cache: dict[pathlib.Path, np.ndarray] = {}
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
+    @property
+    def epoch_size(self) -> int:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return len(self.files)
+
     def sample(self, epoch: int, index: int) -> np.ndarray:
         """The crop at position `(epoch, index)` of the stream."""
         image = self._image(self.files[self._order(epoch)[index]])
@@ -94,50 +161,6 @@ class ImageFolder:
         if self.permute_channels:
             crop = crop[rng.permutation(crop.shape[0])]
         return np.ascontiguousarray(crop)
-
-    def batch(self, position: DataPosition) -> tuple[np.ndarray, DataPosition]:
-        """The batch starting at `position`, and the position after it."""
-        epoch, index = position.epoch, position.index
-        samples = []
-        for _ in range(self.batch_size):
-            if index >= len(self.files):
-                epoch, index = epoch + 1, 0
-            samples.append(self.sample(epoch, index))
-            index += 1
-        return np.stack(samples), DataPosition(epoch, index)
-
-    def batches(
-        self, start: DataPosition = DataPosition()
-    ) -> Generator[tuple[np.ndarray, DataPosition], None, None]:
-        """Batches from `start` on, each with the position after it, decoded in a
-        background thread."""
-        results: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-
-        def produce() -> None:
-            position = start
-            try:
-                while not stop.is_set():
-                    batch, position = self.batch(position)
-                    while not stop.is_set():
-                        try:
-                            results.put((batch, position), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-            except BaseException as e:  # handed to the consumer
-                results.put(e)
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = results.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch_order is None or self._epoch_order[0] != epoch:
@@ -160,3 +183,62 @@ class ImageFolder:
 def _upscale(image: np.ndarray, factor: float) -> np.ndarray:
     _, h, w = image.shape
     return resize(image, (max(1, round(h * factor + 0.5)), max(1, round(w * factor + 0.5))))
+
+
+class Mixture(Samples):
+    """Samples drawn from several streams: each sample comes from one of `sources`,
+    chosen at random with probabilities in proportion to `weights`.
+
+    The `n`-th sample of the mixture (`n = epoch * epoch_size + index`), when it comes
+    from a source, is that source's `n`-th sample, so every source keeps its own
+    shuffling and augmentations. The sources' own batch sizes play no part; their
+    samples must all have one shape.
+
+    **Arguments:**
+
+    - `sources`: [`eqx_vae.train.ImageFolder`][], [`eqx_vae.train.DeadLeaves`][] or
+        any other [`eqx_vae.train.Samples`][].
+    - `weights`: one non-negative weight per source; equal weights by default.
+    - `batch_size`: samples per batch.
+    - `seed`: the seed of the choice of source.
+    - `epoch_size`: samples per epoch of the mixture (it only numbers positions).
+    """
+
+    def __init__(
+        self,
+        sources: "list[Samples] | tuple[Samples, ...]",
+        weights: "list[float] | tuple[float, ...] | None" = None,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        epoch_size: int = 1024,
+        prefetch: int = 2,
+    ):
+        if not sources:
+            raise ValueError("A mixture needs at least one source.")
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sources):
+            raise ValueError(f"Got {len(sources)} sources and {len(weights)} weights.")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"Need non-negative weights with a positive sum, got {weights}.")
+        sizes: set[int] = {s.crop_size for s in sources if hasattr(s, "crop_size")}  # pyright: ignore[reportAttributeAccessIssue]
+        if len(sizes) > 1:
+            raise ValueError(f"The sources give crops of different sizes: {sorted(sizes)}.")
+        if batch_size < 1 or epoch_size < 1:
+            raise ValueError(
+                f"Need positive batch and epoch sizes, got {batch_size} and {epoch_size}."
+            )
+        self.sources = tuple(sources)
+        self.weights = np.asarray(weights, np.float64) / sum(weights)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch_size = epoch_size
+        self.prefetch = prefetch
+        if sizes:
+            self.crop_size = sizes.pop()
+
+    def sample(self, epoch: int, index: int) -> np.ndarray:
+        n = epoch * self.epoch_size + index
+        rng = np.random.default_rng([self.seed, epoch, index])
+        source = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
+        return source.sample(*divmod(n, source.epoch_size))

@@ -17,7 +17,7 @@ from .._progress import Progress
 from .._statistics import latent_statistics
 from .._xla import compiler_options
 from ._checkpoint import load_checkpoint, save_checkpoint
-from ._data import DataPosition, ImageFolder
+from ._data import DataPosition, Samples
 from ._lpips import LPIPS
 from ._state import TrainConfig, TrainState
 from ._step import make_train_step
@@ -31,7 +31,7 @@ STATISTICS = "latent_statistics.json"
 def fit(
     state: TrainState,
     config: TrainConfig,
-    data: ImageFolder,
+    data: Samples,
     optimizers: tuple[Any, Any],
     *,
     steps: int,
@@ -67,7 +67,9 @@ def fit(
 
     - `state`: from `init_state`.
     - `config`, `optimizers`, `lpips`: as given to `init_state` / `make_train_step`.
-    - `data`: the training images.
+    - `data`: the training images: an [`eqx_vae.train.ImageFolder`][], a
+        [`eqx_vae.train.DeadLeaves`][], a [`eqx_vae.train.Mixture`][] of them, or any
+        [`eqx_vae.train.Samples`][].
     - `steps`: the step to stop at.
     - `key`: the run's PRNG key; step `n` uses `jax.random.fold_in(key, n)`.
     - `mesh`: a mesh with a `"batch"` axis for data-parallel training (batch sharded,
@@ -121,9 +123,7 @@ def fit(
     return state
 
 
-def _write_statistics(
-    path: pathlib.Path, state: TrainState, data: ImageFolder, batches: int
-) -> None:
+def _write_statistics(path: pathlib.Path, state: TrainState, data: Samples, batches: int) -> None:
     """The latent statistics of the final model over `batches` batches of `data`, from
     an epoch training does not reach (so the same crops whenever it is run)."""
     model = state.ema if state.ema is not None else state.vae

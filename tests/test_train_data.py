@@ -1,0 +1,192 @@
+"""Synthetic training data (dead leaves) and mixtures of sources."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from helpers import require
+from train_helpers import assert_trees_close, image_folder, small_vae
+
+from eqx_vae import train
+
+
+optax = require("optax")
+
+
+def _spectrum_slope(images: np.ndarray) -> float:
+    """The slope of the log radial power spectrum of the images' channel mean against
+    log frequency (about -2 for photographs, 0 for white noise)."""
+    grey = images.mean(axis=1)
+    grey = grey - grey.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fft2(grey)) ** 2).mean(axis=0)
+    n = grey.shape[-1]
+    f = np.fft.fftfreq(n) * n
+    radius = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    bands = np.arange(2, n // 4)
+    levels = [power[(radius >= k - 0.5) & (radius < k + 0.5)].mean() for k in bands]
+    return float(np.polyfit(np.log(bands), np.log(levels), 1)[0])
+
+
+def test_dead_leaves_are_deterministic_images():
+    a = train.DeadLeaves(crop_size=32, batch_size=3, seed=5)
+    b = train.DeadLeaves(crop_size=32, batch_size=3, seed=5)
+    first, position = a.batch(train.DataPosition())
+    assert first.shape == (3, 3, 32, 32) and first.dtype == np.float32
+    assert np.isfinite(first).all() and first.min() >= -1 and first.max() <= 1
+    assert position == train.DataPosition(0, 3)
+    np.testing.assert_array_equal(first, b.batch(train.DataPosition())[0])
+    # A sample depends on its position alone, and the stream gives the same batches.
+    np.testing.assert_array_equal(a.sample(7, 2), b.sample(7, 2))
+    stream = a.batches(train.DataPosition(4, 1))
+    position = train.DataPosition(4, 1)
+    for _ in range(2):
+        streamed, after = next(stream)
+        expected, position = b.batch(position)
+        assert after == position
+        np.testing.assert_array_equal(streamed, expected)
+    stream.close()
+    # Epochs wrap at epoch_size.
+    short = train.DeadLeaves(crop_size=16, batch_size=3, seed=5, epoch_size=2)
+    _, position = short.batch(train.DataPosition(0, 1))
+    assert position == train.DataPosition(1, 2)
+    other = train.DeadLeaves(crop_size=32, batch_size=3, seed=6)
+    assert not np.array_equal(first, other.batch(train.DataPosition())[0])
+
+
+def test_dead_leaves_cover_the_image_with_the_palette():
+    """Flat discs without blur, noise or antialiasing: every pixel is one of the
+    palette's colours, and the discs' edges give many regions."""
+    palette = np.array([[-1.0, -1.0, 1.0], [1.0, 0.5, -0.5], [0.0, 0.0, 0.0]])
+    data = train.DeadLeaves(
+        crop_size=48,
+        batch_size=4,
+        seed=0,
+        colours=palette,
+        texture=0.0,
+        blur=(0.0, 0.0),
+        noise=(0.0, 0.0),
+        supersample=1,
+    )
+    images, _ = data.batch(train.DataPosition())
+    pixels = np.moveaxis(images, 1, -1).reshape(-1, 3)
+    distance = np.abs(pixels[:, None, :] - palette[None].astype(np.float32)).max(axis=-1)
+    assert distance.min(axis=1).max() == 0
+    # Every colour appears, and neighbouring pixels differ along many edges.
+    assert (np.bincount(distance.argmin(axis=1), minlength=3) > 0).all()
+    assert np.mean(np.any(images[:, :, 1:] != images[:, :, :-1], axis=1)) > 0.02
+
+
+def test_dead_leaves_have_the_spectrum_of_photographs():
+    """Power-law radii down to a pixel give the 1 / f^2 power spectrum of natural
+    images; a steeper radius law (more small discs) gives a flatter spectrum."""
+
+    def sample(**kwargs):
+        kwargs = {"radius": (1.0, None), "blur": (0.0, 1.0)} | kwargs
+        data = train.DeadLeaves(crop_size=64, batch_size=1, seed=1, **kwargs)
+        return np.stack([data.sample(0, i) for i in range(32)])
+
+    slope = _spectrum_slope(sample())
+    assert -2.5 < slope < -1.6, slope
+    assert _spectrum_slope(sample(exponent=2.0)) < slope < _spectrum_slope(sample(exponent=4.0))
+    # Blur removes fine detail.
+    sharp = sample(blur=(0.0, 0.0), noise=(0.0, 0.0))
+    blurred = sample(blur=(2.0, 2.0), noise=(0.0, 0.0))
+    gradient = lambda x: np.abs(np.diff(x, axis=-1)).mean()  # noqa: E731
+    assert gradient(blurred) < 0.5 * gradient(sharp)
+
+
+def test_dead_leaves_errors():
+    for kwargs, message in [
+        ({"crop_size": 0}, "positive crop"),
+        ({"radius": (4.0, 2.0)}, "radii"),
+        ({"exponent": 1.0}, "exponent above 1"),
+        ({"blur": (1.0, 0.5)}, "blur"),
+        ({"noise": (-0.1, 0.1)}, "noise"),
+        ({"colours": np.zeros((4, 4))}, r"shape \(N, 3\)"),
+    ]:
+        arguments = {"crop_size": 16, "batch_size": 2} | kwargs
+        with pytest.raises(ValueError, match=message):
+            train.DeadLeaves(**arguments)
+
+
+def test_mixture_draws_each_source_by_weight(tmp_path):
+    folder = train.ImageFolder(image_folder(tmp_path), crop_size=16, batch_size=1, seed=1)
+    leaves = train.DeadLeaves(crop_size=16, batch_size=1, seed=2)
+    mixture = train.Mixture([folder, leaves], [0.25, 0.75], batch_size=4, seed=3)
+    again = train.Mixture([folder, leaves], [0.25, 0.75], batch_size=4, seed=3)
+    position = train.DataPosition()
+    from_folder = 0
+    for _ in range(50):
+        batch, after = mixture.batch(position)
+        np.testing.assert_array_equal(batch, again.batch(position)[0])
+        for i, sample in enumerate(batch):
+            epoch, index = position.epoch, position.index + i
+            n = epoch * mixture.epoch_size + index
+            # The n-th sample of the mixture is the n-th sample of its source.
+            candidates = [s.sample(*divmod(n, s.epoch_size)) for s in (folder, leaves)]
+            matches = [np.array_equal(sample, c) for c in candidates]
+            assert sum(matches) == 1
+            from_folder += matches[0]
+        position = after
+    assert 0.15 < from_folder / 200 < 0.35, from_folder
+    # A source of weight 0 never appears.
+    only = train.Mixture([folder, leaves], [0.0, 1.0], batch_size=4, seed=3)
+    batch, _ = only.batch(train.DataPosition())
+    for i, sample in enumerate(batch):
+        np.testing.assert_array_equal(sample, leaves.sample(0, i))
+
+
+def test_mixture_errors(tmp_path):
+    leaves = train.DeadLeaves(crop_size=16, batch_size=1)
+    with pytest.raises(ValueError, match="at least one source"):
+        train.Mixture([], batch_size=2)
+    with pytest.raises(ValueError, match="2 sources and 1 weights"):
+        train.Mixture([leaves, leaves], [1.0], batch_size=2)
+    with pytest.raises(ValueError, match="non-negative weights"):
+        train.Mixture([leaves, leaves], [1.0, -1.0], batch_size=2)
+    with pytest.raises(ValueError, match=r"different sizes: \[16, 32\]"):
+        train.Mixture([leaves, train.DeadLeaves(crop_size=32, batch_size=1)], batch_size=2)
+
+
+@pytest.mark.slow
+def test_fit_on_a_mixture_resumes_exactly(tmp_path):
+    """`fit` trains on a mixture of photographs and dead leaves, and a run stopped and
+    resumed equals an uninterrupted one."""
+    vae = small_vae()
+    folder = image_folder(tmp_path)
+
+    def run(steps, out):
+        config = train.TrainConfig(learning_rate=2e-3, betas=(0.9, 0.99), ema_decay=0.9)
+        optimizers = train.make_optimizers(config)
+        state = train.init_state(vae, config, optimizers, key=jax.random.key(4))
+        data = train.Mixture(
+            [
+                train.ImageFolder(folder, crop_size=32, batch_size=2, seed=3),
+                train.DeadLeaves(crop_size=32, batch_size=2, seed=4),
+            ],
+            batch_size=2,
+            seed=5,
+        )
+        return train.fit(
+            state,
+            config,
+            data,
+            optimizers,
+            steps=steps,
+            out=out,
+            key=jax.random.key(14),
+            log_every=1,
+            progress=False,
+        )
+
+    whole = run(4, tmp_path / "whole")
+    run(2, tmp_path / "split")
+    resumed = run(4, tmp_path / "split")
+    assert int(resumed.step) == 4
+    assert_trees_close(resumed, whole, rtol=1e-5)
+    losses = lambda name: [  # noqa: E731
+        json.loads(line)["loss"]
+        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    np.testing.assert_allclose(losses("split"), losses("whole"), rtol=1e-5)
