@@ -196,6 +196,16 @@ def main() -> None:
         metavar=("PHOTOS", "PERMUTED", "LEAVES"),
         help="--mix of the second stage (default 0.25 0.25 0.5)",
     )
+    parser.add_argument(
+        "--contrast",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="blend each dead-leaves image of both stages towards one colour by a factor "
+        "in this range (`DeadLeaves(contrast=...)`; by default every image keeps its "
+        "full contrast)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"write {BUILTIN_PATH}")
     args = parser.parse_args()
@@ -203,6 +213,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     export_photos(out / "data")
     size, batch = args.crop_size, args.batch_size
+    contrast = None if args.contrast is None else tuple(args.contrast)
     # Crops at scales 0.5 to 1 show more of each photograph than plain crops.
     photos = train.ImageFolder(
         out / "data", crop_size=size, batch_size=batch, seed=args.seed, scale=(0.5, 1.0)
@@ -220,6 +231,7 @@ def main() -> None:
         batch_size=batch,
         seed=args.seed + 2,
         colours=palette((0.5, 0.25, 0.25), seed=args.seed),
+        contrast=contrast,
     )
     data = train.Mixture(
         [photos, permuted, leaves], args.mix, batch_size=batch, seed=args.seed + 3
@@ -279,6 +291,7 @@ def main() -> None:
             batch_size=batch,
             seed=args.seed + 4,
             colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
+            contrast=contrast,
         )
         tune_data = train.Mixture(
             [photos, permuted, tune_leaves], args.tune_mix, batch_size=batch, seed=args.seed + 5
@@ -309,6 +322,7 @@ def main() -> None:
         "mix": list(args.mix),
         "tune_steps": args.tune_steps,
         "tune_mix": list(args.tune_mix),
+        "contrast": args.contrast,
         "train_seconds_this_run": seconds,
         "parameters": sum(
             x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))

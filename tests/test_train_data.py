@@ -96,6 +96,33 @@ def test_dead_leaves_have_the_spectrum_of_photographs():
     assert gradient(blurred) < 0.5 * gradient(sharp)
 
 
+def test_dead_leaves_contrast_blends_towards_one_colour():
+    """`contrast` blends each image towards one palette colour by a factor from its
+    range: at 0 the image is that colour alone, at 1/2 every pixel is halfway between the
+    full-contrast image and it."""
+    palette = np.array([[-1.0, -1.0, 1.0], [1.0, 0.5, -0.5], [0.0, 0.0, 0.0]])
+    common = {
+        "crop_size": 32,
+        "batch_size": 1,
+        "seed": 4,
+        "colours": palette,
+        "texture": 0.0,
+        "blur": (0.0, 0.0),
+        "noise": (0.0, 0.0),
+    }
+    full = train.DeadLeaves(**common).sample(0, 0)
+    for i in range(6):
+        flat = train.DeadLeaves(**common, contrast=(0.0, 0.0)).sample(0, i)
+        colour = flat[:, 0, 0]
+        assert np.abs(palette - colour).max(axis=1).min() < 1e-6
+        np.testing.assert_array_equal(flat, np.broadcast_to(colour[:, None, None], flat.shape))
+    half = train.DeadLeaves(**common, contrast=(0.5, 0.5)).sample(0, 0)
+    base = 2 * half - full  # half = base + (full - base) / 2
+    np.testing.assert_allclose(base, np.broadcast_to(base[:, :1, :1], base.shape), atol=1e-6)
+    assert full.std() > 0.3
+    np.testing.assert_allclose(half.std(axis=(1, 2)), full.std(axis=(1, 2)) / 2, rtol=1e-5)
+
+
 def test_dead_leaves_errors():
     for kwargs, message in [
         ({"crop_size": 0}, "positive crop"),
@@ -104,6 +131,7 @@ def test_dead_leaves_errors():
         ({"blur": (1.0, 0.5)}, "blur"),
         ({"noise": (-0.1, 0.1)}, "noise"),
         ({"colours": np.zeros((4, 4))}, r"shape \(N, 3\)"),
+        ({"contrast": (0.5, 1.5)}, "contrast range"),
     ]:
         arguments = {"crop_size": 16, "batch_size": 2} | kwargs
         with pytest.raises(ValueError, match=message):

@@ -33,6 +33,12 @@ class DeadLeaves(Samples):
         each image (uniform).
     - `noise`: the range of the standard deviation of the Gaussian noise added to each
         image, on the `[-1, 1]` scale (uniform).
+    - `contrast`: if given, a range `(low, high)` within `[0, 1]`: each image is blended
+        towards one colour (drawn like the discs') by a factor drawn uniformly from it, so
+        that a factor of 1 leaves the image as it is and 0 makes it flat. Flat and
+        low-contrast images (an overcast sky, a dim room) are rare in photographs, and an
+        autoencoder that never sees them can shift their colour; `None` (the default)
+        leaves every image at full contrast.
     - `supersample`: discs are drawn at this many times the resolution and averaged
         down, so that edges are antialiased.
     - `epoch_size`: images per epoch (it only numbers positions).
@@ -50,6 +56,7 @@ class DeadLeaves(Samples):
         texture: float = 0.5,
         blur: tuple[float, float] = (0.0, 1.5),
         noise: tuple[float, float] = (0.0, 0.02),
+        contrast: tuple[float, float] | None = None,
         supersample: int = 2,
         epoch_size: int = 1024,
         prefetch: int = 2,
@@ -68,6 +75,8 @@ class DeadLeaves(Samples):
         for name, (a, b) in (("blur", blur), ("noise", noise)):
             if not 0 <= a <= b:
                 raise ValueError(f"Need a range 0 <= low <= high for {name}, got {(a, b)}.")
+        if contrast is not None and not 0 <= contrast[0] <= contrast[1] <= 1:
+            raise ValueError(f"Need a contrast range 0 <= low <= high <= 1, got {contrast}.")
         if colours is not None:
             colours = np.asarray(colours, np.float32)
             if colours.ndim != 2 or colours.shape[1] != 3 or len(colours) == 0:
@@ -81,6 +90,7 @@ class DeadLeaves(Samples):
         self.texture = float(texture)
         self.blur = (float(blur[0]), float(blur[1]))
         self.noise = (float(noise[0]), float(noise[1]))
+        self.contrast = None if contrast is None else (float(contrast[0]), float(contrast[1]))
         self.supersample = supersample
         self.epoch_size = epoch_size
         self.prefetch = prefetch
@@ -92,6 +102,10 @@ class DeadLeaves(Samples):
         image = self._discs(rng, side, k)
         if k > 1:
             image = image.reshape(3, self.crop_size, k, self.crop_size, k).mean(axis=(2, 4))
+        if self.contrast is not None:
+            factor = rng.uniform(*self.contrast)
+            base = self._colours(rng, 1)[0][:, None, None]
+            image = base + factor * (image - base)
         sigma = rng.uniform(*self.blur)
         if sigma > 0:
             image = _gaussian_blur(image, sigma)
