@@ -43,6 +43,9 @@ def load_builtin(dtype: DTypeLike | None = None) -> AutoencoderKL:
     Its `scaling_factor` maps the latents of the training photographs to unit
     standard deviation, as in Stable Diffusion.
 
+    Flat and low-contrast images are its weak point: they come back with a colour
+    cast (a flat mid-grey as magenta; README gives the figures).
+
     **Arguments:**
 
     - `dtype`: parameter dtype; float32 by default, as for every loader. The model is

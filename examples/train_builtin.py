@@ -13,7 +13,11 @@ of scikit-learn and Matplotlib.
     python examples/train_builtin.py --out runs/builtin            # the shipped model
     python examples/train_builtin.py --out runs/smoke --steps 20 --tune-steps 20
 
-`--install` writes the EMA weights (float16) to `eqx_vae/pretrained/photos_f4.eqx`.
+`--install` writes the EMA weights (float16) to `eqx_vae/pretrained/photos_f4.eqx`;
+`--evaluate WEIGHTS` reports saved weights on the held-out sets, a colour chart and flat
+colours, and trains nothing:
+
+    python examples/train_builtin.py --evaluate eqx_vae/pretrained/photos_f4.eqx
 A run that is stopped continues from its last checkpoint when started again.
 """
 
@@ -160,6 +164,47 @@ def summarise(results: dict) -> dict:
     }
 
 
+def colour_checks(model: eqx_vae.AutoencoderKL) -> dict:
+    """Reconstruction minus colour per channel (R, G, B) on the patches of
+    `metrics.colour_chart()` and on flat 64-pixel images of the same colours
+    (`metrics.flat_colours()`), and the largest of each."""
+    reconstruct = eqx.filter_jit(lambda m, x: jnp.clip(jax.vmap(m)(x), -1, 1))
+    chart = metrics.colour_chart()
+    chart_errors = metrics.colour_chart_errors(reconstruct(model, jnp.asarray(chart[None]))[0])
+    flat = metrics.flat_colours(64)
+    flat_errors = np.asarray(reconstruct(model, jnp.asarray(flat))).mean(axis=(2, 3))
+    flat_errors = flat_errors - flat[:, :, 0, 0]
+    checks: dict = {
+        "chart": {name: [float(e) for e in error] for name, error in chart_errors.items()},
+        "flat": {
+            name: [float(e) for e in error]
+            for name, error in zip(metrics.COLOUR_CHART, flat_errors, strict=True)
+        },
+    }
+    for kind in ("chart", "flat"):
+        largest = max(abs(e) for error in checks[kind].values() for e in error)
+        checks[f"{kind}_largest_error"] = float(largest)
+    return checks
+
+
+def evaluate_weights(path: str) -> None:
+    """`--evaluate`: the held-out sets and colour checks of saved weights."""
+    model = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        eqx_vae.load(path),
+    )
+    results = {
+        group: evaluate(model, images) for group, images in held_out(model.spatial_factor).items()
+    }
+    summary = {
+        "weights": path,
+        "held_out": results,
+        "means": {group: summarise(r) for group, r in results.items()},
+        "colours": colour_checks(model),
+    }
+    print(json.dumps(summary, indent=2))
+
+
 def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.Samples) -> float:
     """`1 / std` of the posterior modes over crops of the training mixture."""
     encode = eqx.filter_jit(lambda m, x: jax.vmap(lambda i: m.encode(i).mode())(x))
@@ -170,7 +215,7 @@ def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.Samples) -> float:
     return float(1.0 / np.std(np.concatenate(latents)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/builtin", help="the run's folder")
     parser.add_argument("--steps", type=int, default=5000)
@@ -208,7 +253,16 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"write {BUILTIN_PATH}")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--evaluate",
+        metavar="WEIGHTS",
+        help="evaluate saved weights (an eqx_vae checkpoint, such as "
+        f"{BUILTIN_PATH.name}) on the held-out sets and colour checks, and train nothing",
+    )
+    args = parser.parse_args(argv)
+    if args.evaluate:
+        evaluate_weights(args.evaluate)
+        return
 
     out = pathlib.Path(args.out)
     export_photos(out / "data")
@@ -332,6 +386,7 @@ def main() -> None:
         "means": {group: summarise(r) for group, r in results.items()},
         "held_out_after_first_stage": first,
         "means_after_first_stage": {group: summarise(r) for group, r in first.items()},
+        "colours": colour_checks(model),
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -3,48 +3,13 @@
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import eqx_vae
 
 
-# Saturated primaries and secondaries, greys, skin tones and a few colours of the
-# ColorChecker chart (sRGB, 0-255).
-CHART = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "cyan": (0, 255, 255),
-    "magenta": (255, 0, 255),
-    "yellow": (255, 255, 0),
-    "black": (0, 0, 0),
-    "dark grey": (64, 64, 64),
-    "grey": (128, 128, 128),
-    "light grey": (192, 192, 192),
-    "white": (255, 255, 255),
-    "dark skin": (115, 82, 68),
-    "light skin": (194, 150, 130),
-    "pale skin": (241, 194, 170),
-    "deep skin": (80, 50, 35),
-    "blue sky": (98, 122, 157),
-    "foliage": (87, 108, 67),
-    "navy": (20, 30, 90),
-    "orange": (214, 126, 44),
-    "purple": (94, 60, 108),
-}
 PATCH = 32
 INSET = 6
-
-
-def colour_chart() -> np.ndarray:
-    """The chart as a `(3, H, W)` image in `[-1, 1]`, five patches a row."""
-    columns = 5
-    rows = -(-len(CHART) // columns)
-    image = np.zeros((3, rows * PATCH, columns * PATCH), np.float32)
-    for i, rgb in enumerate(CHART.values()):
-        r, c = divmod(i, columns)
-        colour = np.asarray(rgb, np.float32)[:, None, None] / 127.5 - 1.0
-        image[:, r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = colour
-    return image
 
 
 def test_builtin_model_reconstructs_a_colour_chart():
@@ -52,20 +17,11 @@ def test_builtin_model_reconstructs_a_colour_chart():
     channel on the [-1, 1] scale, and most within 0.05 (the shipped weights: 17 of
     20; magenta 0.079, blue 0.059 and foliage 0.052 are the exceptions)."""
     model = eqx_vae.load_builtin()
-    chart = colour_chart()
+    chart = eqx_vae.metrics.colour_chart(PATCH)
     recon = np.asarray(
         jnp.clip(eqx.filter_jit(lambda m, x: m(x))(model, jnp.asarray(chart)), -1, 1)
     )
-    errors = {}
-    for i, (name, rgb) in enumerate(CHART.items()):
-        r, c = divmod(i, 5)
-        patch = recon[
-            :,
-            r * PATCH + INSET : (r + 1) * PATCH - INSET,
-            c * PATCH + INSET : (c + 1) * PATCH - INSET,
-        ]
-        expected = np.asarray(rgb, np.float32) / 127.5 - 1.0
-        errors[name] = patch.mean(axis=(1, 2)) - expected
+    errors = eqx_vae.metrics.colour_chart_errors(recon, PATCH, inset=INSET)
     worst = {name: float(np.abs(e).max()) for name, e in errors.items()}
     report = {k: round(v, 3) for k, v in worst.items()}
     assert max(worst.values()) < 0.08, report
@@ -100,3 +56,34 @@ def test_readme_reports_the_evaluation_of_the_shipped_model():
     recon = jnp.clip(eqx.filter_jit(lambda m, x: m(x))(model, x), -1, 1)
     psnr = float(eqx_vae.metrics.psnr(x, recon))
     assert abs(psnr - record["held_out"]["scikit-image"]["chelsea"]["psnr"]) < 0.05
+
+
+@pytest.mark.slow
+def test_train_builtin_evaluate_reports_the_shipped_weights(capsys):
+    """`examples/train_builtin.py --evaluate` on the shipped (float16) weights gives the
+    held-out figures of `runs/builtin/eval.json` (written from the float32 weights)
+    within 0.05 dB, the colour chart of the test above, and README's figures for flat
+    images: a flat mid-grey comes back magenta, green 0.47 low, and only black and
+    green of the twenty colours come back within 0.05."""
+    import json
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        import train_builtin  # pyright: ignore[reportMissingImports]
+    finally:
+        sys.path.remove(str(root / "examples"))
+    train_builtin.main(["--evaluate", str(root / "eqx_vae" / "pretrained" / "photos_f4.eqx")])
+    report = json.loads(capsys.readouterr().out)
+    record = json.loads((root / "runs" / "builtin" / "eval.json").read_text())
+    for group, results in record["held_out"].items():
+        for name, r in results.items():
+            assert abs(report["held_out"][group][name]["psnr"] - r["psnr"]) < 0.05, name
+    colours = report["colours"]
+    assert colours["chart_largest_error"] < 0.08
+    grey = colours["flat"]["grey"]
+    assert abs(grey[1] + 0.47) < 0.01 and grey[0] > 0.15 and grey[2] > 0.15, grey
+    good = [n for n, e in colours["flat"].items() if max(abs(v) for v in e) < 0.05]
+    assert good == ["green", "black"], good

@@ -68,6 +68,27 @@ def test_metrics_live_in_their_own_module():
     assert eqx_vae.metrics.psnr is psnr
 
 
+def test_colour_chart_and_flat_colours():
+    """The chart holds every colour of `COLOUR_CHART` in its patch (so that the
+    chart's own errors are zero), and an error shows up in its patch alone."""
+    from eqx_vae.metrics import COLOUR_CHART, colour_chart, colour_chart_errors, flat_colours
+
+    chart = colour_chart(patch=16, columns=6)
+    assert chart.shape == (3, 4 * 16, 6 * 16) and len(COLOUR_CHART) == 20
+    errors = colour_chart_errors(chart, patch=16, columns=6, inset=2)
+    assert list(errors) == list(COLOUR_CHART)
+    assert max(np.abs(e).max() for e in errors.values()) < 1e-6
+    shifted = chart.copy()
+    shifted[1, 16:32, 32:48] += 0.1  # the ninth colour, grey: row 1, column 2
+    errors = colour_chart_errors(shifted, patch=16, columns=6, inset=2)
+    np.testing.assert_allclose(errors["grey"], [0.0, 0.1, 0.0], atol=1e-6)
+    assert all(np.abs(e).max() < 1e-6 for name, e in errors.items() if name != "grey")
+    flat = flat_colours(8)
+    assert flat.shape == (20, 3, 8, 8)
+    np.testing.assert_allclose(flat[0, :, 3, 5], [1.0, -1.0, -1.0])  # red
+    np.testing.assert_allclose(flat[8].std(axis=(1, 2)), 0.0)
+
+
 def test_latent_batch_norm_is_public():
     """FLUX.2's statistics as a module of their own, for models that carry a latent
     normalisation of their own."""
