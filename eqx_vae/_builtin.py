@@ -9,6 +9,7 @@ from ._autoencoder import AutoencoderKL
 from ._config import AutoencoderKLConfig
 from ._custom_types import DTypeLike
 from ._serialisation import load
+from ._state_dict import cast_floating
 
 
 BUILTIN_PATH = pathlib.Path(__file__).parent / "pretrained" / "photos_f4.eqx"
@@ -60,12 +61,7 @@ def load_builtin(dtype: DTypeLike | None = None) -> AutoencoderKL:
             f"The built-in model {BUILTIN_PATH} is missing from this installation; "
             "`python examples/train_builtin.py --install` trains and writes it."
         )
-    model = load(BUILTIN_PATH)
-    dtype = jnp.float32 if dtype is None else dtype
-    return jax.tree_util.tree_map(
-        lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
-        model,
-    )
+    return cast_floating(load(BUILTIN_PATH), jnp.float32 if dtype is None else dtype)
 
 
 def with_config(model: AutoencoderKL, config: AutoencoderKLConfig) -> AutoencoderKL:
