@@ -251,6 +251,24 @@ def main(argv: list[str] | None = None) -> None:
         "in this range (`DeadLeaves(contrast=...)`; by default every image keeps its "
         "full contrast)",
     )
+    parser.add_argument(
+        "--tune-contrast",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="blend each photograph crop of the second stage towards its mean colour by "
+        "a factor in this range (`ImageFolder(contrast=...)`; by default crops keep "
+        "their contrast)",
+    )
+    parser.add_argument(
+        "--tune-colour-shift",
+        type=float,
+        default=0.0,
+        metavar="SHIFT",
+        help="offset each channel of each photograph crop of the second stage by up to "
+        "this much (`ImageFolder(colour_shift=...)`; default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"write {BUILTIN_PATH}")
     parser.add_argument(
@@ -347,8 +365,23 @@ def main(argv: list[str] | None = None) -> None:
             colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
             contrast=contrast,
         )
+        # The same photograph streams as the first stage's, dimmed by --tune-contrast.
+        tune_contrast = None if args.tune_contrast is None else tuple(args.tune_contrast)
+        tune_photos = [
+            train.ImageFolder(
+                out / "data",
+                crop_size=size,
+                batch_size=batch,
+                seed=args.seed + i,
+                scale=(0.5, 1.0),
+                permute_channels=i == 1,
+                contrast=tune_contrast,
+                colour_shift=args.tune_colour_shift,
+            )
+            for i in range(2)
+        ]
         tune_data = train.Mixture(
-            [photos, permuted, tune_leaves], args.tune_mix, batch_size=batch, seed=args.seed + 5
+            [*tune_photos, tune_leaves], args.tune_mix, batch_size=batch, seed=args.seed + 5
         )
         tune_optimizers = train.make_optimizers(tune_config)
         state = train.init_state(
@@ -377,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         "tune_steps": args.tune_steps,
         "tune_mix": list(args.tune_mix),
         "contrast": args.contrast,
+        "tune_contrast": args.tune_contrast,
+        "tune_colour_shift": args.tune_colour_shift,
         "train_seconds_this_run": seconds,
         "parameters": sum(
             x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))

@@ -93,6 +93,57 @@ def test_image_folder_augmentations(tmp_path):
         train.ImageFolder(folder, crop_size=16, batch_size=1, scale=(1.0, 0.5))
 
 
+def test_image_folder_contrast_blends_each_crop_towards_its_mean(tmp_path):
+    """`contrast` keeps the crop and its mean colour and scales its deviations from the
+    mean by a factor from the range: 0 gives the mean colour alone."""
+    folder = image_folder(tmp_path)
+    plain = train.ImageFolder(folder, crop_size=16, batch_size=5, seed=4, scale=(0.5, 1.0))
+    x, _ = plain.batch(train.DataPosition())
+    for contrast, factors in [
+        ((0.0, 0.0), (0.0, 0.0)),
+        ((0.5, 0.5), (0.5, 0.5)),
+        ((0.2, 0.9), (0.2, 0.9)),
+    ]:
+        dimmed = train.ImageFolder(
+            folder, crop_size=16, batch_size=5, seed=4, scale=(0.5, 1.0), contrast=contrast
+        )
+        y, _ = dimmed.batch(train.DataPosition())
+        mean = x.mean(axis=(2, 3), keepdims=True)
+        np.testing.assert_allclose(y.mean(axis=(2, 3), keepdims=True), mean, atol=1e-5)
+        # The same crops, every channel's deviation scaled by one factor per crop.
+        factor = (y - mean).std(axis=(1, 2, 3)) / (x - mean).std(axis=(1, 2, 3))
+        np.testing.assert_allclose(y - mean, factor[:, None, None, None] * (x - mean), atol=1e-5)
+        assert (factors[0] - 1e-5 <= factor).all() and (factor <= factors[1] + 1e-5).all()
+    assert np.ptp(factor) > 0.1  # drawn per crop
+    with pytest.raises(ValueError, match="contrast range"):
+        train.ImageFolder(folder, crop_size=16, batch_size=1, contrast=(0.5, 1.5))
+
+
+def test_image_folder_colour_shift_offsets_each_channel(tmp_path):
+    """`colour_shift` adds one offset per channel and crop, within the range, clipped to
+    `[-1, 1]`; the crops are otherwise the plain ones."""
+    folder = image_folder(tmp_path)
+    plain = train.ImageFolder(folder, crop_size=16, batch_size=8, seed=2)
+    shifted = train.ImageFolder(folder, crop_size=16, batch_size=8, seed=2, colour_shift=0.3)
+    x, _ = plain.batch(train.DataPosition())
+    y, _ = shifted.batch(train.DataPosition())
+    assert y.min() >= -1 and y.max() <= 1
+    # Each crop's channel offset, read where clipping did not touch it (a channel that
+    # is clipped all over is a bound alone and is left out).
+    unclipped = np.abs(y) < 1
+    offsets = np.full(x.shape[:2], np.nan)
+    for i, c in zip(*np.nonzero(unclipped.any(axis=(2, 3))), strict=True):
+        offsets[i, c] = (y[i, c] - x[i, c])[unclipped[i, c]][0]
+    known = np.isfinite(offsets)
+    assert known.sum() >= 20
+    assert np.abs(offsets[known]).max() <= 0.3 + 1e-6 and np.ptp(offsets[known]) > 0.2
+    expected = np.clip(x + offsets[:, :, None, None], -1, 1)
+    np.testing.assert_allclose(y[known], expected[known], atol=1e-6)
+    assert (np.abs(y[~known]) == 1).all()
+    with pytest.raises(ValueError, match="colour shift"):
+        train.ImageFolder(folder, crop_size=16, batch_size=1, colour_shift=-0.1)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         train.ImageFolder(tmp_path / "missing", crop_size=8, batch_size=1)

@@ -94,6 +94,14 @@ class ImageFolder(Samples):
         with antialiasing. Scales below 1 show more of each image per crop.
     - `permute_channels`: each crop's RGB channels are put in a random order, so that
         colours absent from a small dataset (blue skies from red fabric) are seen.
+    - `contrast=(low, high)`, within `[0, 1]`: each crop is blended towards its own mean
+        colour by a factor drawn uniformly from the range (1 leaves it as it is, 0
+        makes it flat), so that dim, low-contrast photographs are seen with the
+        textures of real ones. `None` (the default) draws nothing.
+    - `colour_shift`: each channel of each crop is offset by an amount drawn uniformly
+        from `[-colour_shift, colour_shift]` (then clipped to `[-1, 1]`), so that an
+        image's overall colour is not learnt from its content (a small dataset's
+        stained tissue is always pink). 0 (the default) draws nothing.
 
     The order of each epoch is a permutation drawn from `(seed, epoch)`; each
     sample's crop and augmentations are drawn from `(seed, epoch, index)`. A batch is
@@ -111,6 +119,8 @@ class ImageFolder(Samples):
         flip: bool = True,
         scale: tuple[float, float] = (1.0, 1.0),
         permute_channels: bool = False,
+        contrast: tuple[float, float] | None = None,
+        colour_shift: float = 0.0,
         prefetch: int = 2,
     ):
         self.root = pathlib.Path(root)
@@ -128,7 +138,13 @@ class ImageFolder(Samples):
         low, high = scale
         if not 0 < low <= high:
             raise ValueError(f"Need a scale range 0 < low <= high, got {scale}.")
+        if contrast is not None and not 0 <= contrast[0] <= contrast[1] <= 1:
+            raise ValueError(f"Need a contrast range 0 <= low <= high <= 1, got {contrast}.")
+        if not 0 <= colour_shift <= 2:
+            raise ValueError(f"Need a colour shift in [0, 2], got {colour_shift}.")
+        self.colour_shift = float(colour_shift)
         self.crop_size = crop_size
+        self.contrast = None if contrast is None else (float(contrast[0]), float(contrast[1]))
         self.scale = (float(low), float(high))
         self.permute_channels = permute_channels
         self.batch_size = batch_size
@@ -160,6 +176,13 @@ class ImageFolder(Samples):
             crop = crop[:, :, ::-1]
         if self.permute_channels:
             crop = crop[rng.permutation(crop.shape[0])]
+        if self.contrast is not None:
+            factor = rng.uniform(*self.contrast)
+            mean = crop.mean(axis=(1, 2), keepdims=True)
+            crop = (mean + factor * (crop - mean)).astype(np.float32)
+        if self.colour_shift > 0:
+            shift = rng.uniform(-self.colour_shift, self.colour_shift, (crop.shape[0], 1, 1))
+            crop = np.clip(crop + shift, -1.0, 1.0).astype(np.float32)
         return np.ascontiguousarray(crop)
 
     def _order(self, epoch: int) -> np.ndarray:
