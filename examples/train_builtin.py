@@ -4,7 +4,8 @@ weights, on a mixture of random crops of the colour photographs that ship with
 scikit-image (as they are and with their colour channels permuted) and dead-leaves
 images (`eqx_vae.train.DeadLeaves`) coloured from those photographs and from saturated
 colours: 5,000 steps of L1, then 1,000 steps of L2 with more dead leaves and saturated
-colours (`--tune-steps`). It reports PSNR, SSIM and the mean colour error on two
+colours, and photograph crops dimmed and shifted in colour (`--tune-steps`,
+`--tune-contrast`, `--tune-colour-shift`). It reports PSNR, SSIM and the mean colour error on two
 held-out sets, next to bicubic down- and up-sampling that keeps as many values as the
 latent: two scikit-image photographs kept out of training, and the sample photographs
 of scikit-learn and Matplotlib.
@@ -255,19 +256,18 @@ def main(argv: list[str] | None = None) -> None:
         "--tune-contrast",
         type=float,
         nargs=2,
-        default=None,
+        default=(0.3, 1.0),
         metavar=("LOW", "HIGH"),
         help="blend each photograph crop of the second stage towards its mean colour by "
-        "a factor in this range (`ImageFolder(contrast=...)`; by default crops keep "
-        "their contrast)",
+        "a factor in this range (`ImageFolder(contrast=...)`; default 0.3 1)",
     )
     parser.add_argument(
         "--tune-colour-shift",
         type=float,
-        default=0.0,
+        default=0.2,
         metavar="SHIFT",
         help="offset each channel of each photograph crop of the second stage by up to "
-        "this much (`ImageFolder(colour_shift=...)`; default 0)",
+        "this much (`ImageFolder(colour_shift=...)`; default 0.2)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"write {BUILTIN_PATH}")
@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     # L1 (as sd-vae-ft-mse was fine-tuned) on a mix with more dead leaves and more
     # saturated colours. L1 weighs every error alike, so a rare colour that comes back
     # wrong (a saturated green as black) costs no more than a slightly soft edge; L2
-    # weighs the large errors of rare colours more.
+    # weighs the large errors of rare colours more. The photograph crops are dimmed and
+    # shifted in colour: without that, dim and low-contrast photographs came back with
+    # a colour cast (Grace Hopper's green 0.076 low).
     if args.tune_steps > 0:
         tune_config = dataclasses.replace(
             config,
@@ -365,8 +367,10 @@ def main(argv: list[str] | None = None) -> None:
             colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
             contrast=contrast,
         )
-        # The same photograph streams as the first stage's, dimmed by --tune-contrast.
-        tune_contrast = None if args.tune_contrast is None else tuple(args.tune_contrast)
+        # The first stage's photograph crops (the same seeds), dimmed by --tune-contrast
+        # and shifted by --tune-colour-shift (`--tune-contrast 1 1 --tune-colour-shift 0`
+        # leaves them as they are).
+        tune_contrast = tuple(args.tune_contrast)
         tune_photos = [
             train.ImageFolder(
                 out / "data",
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         "tune_steps": args.tune_steps,
         "tune_mix": list(args.tune_mix),
         "contrast": args.contrast,
-        "tune_contrast": args.tune_contrast,
+        "tune_contrast": list(args.tune_contrast),
         "tune_colour_shift": args.tune_colour_shift,
         "train_seconds_this_run": seconds,
         "parameters": sum(
