@@ -5,10 +5,10 @@ scikit-image (as they are and with their colour channels permuted) and dead-leav
 images (`eqx_vae.train.DeadLeaves`) coloured from those photographs and from saturated
 colours: 5,000 steps of L1, then 1,000 steps of L2 with more dead leaves and saturated
 colours, and photograph crops dimmed and shifted in colour (`--tune-steps`,
-`--tune-contrast`, `--tune-colour-shift`). It reports PSNR, SSIM and the mean colour error on two
-held-out sets, next to bicubic down- and up-sampling that keeps as many values as the
-latent: two scikit-image photographs kept out of training, and the sample photographs
-of scikit-learn and Matplotlib.
+`--tune-contrast`, `--tune-colour-shift`). It reports PSNR, SSIM and the mean colour
+error on two held-out sets, next to bicubic down- and up-sampling that keeps as many
+values as the latent: two scikit-image photographs kept out of training, and the sample
+photographs of scikit-learn and Matplotlib.
 
     pip install -e ".[train]"
     python examples/train_builtin.py --out runs/builtin            # the shipped model
@@ -286,18 +286,24 @@ def main(argv: list[str] | None = None) -> None:
     export_photos(out / "data")
     size, batch = args.crop_size, args.batch_size
     contrast = None if args.contrast is None else tuple(args.contrast)
+
     # Crops at scales 0.5 to 1 show more of each photograph than plain crops.
-    photos = train.ImageFolder(
-        out / "data", crop_size=size, batch_size=batch, seed=args.seed, scale=(0.5, 1.0)
-    )
-    permuted = train.ImageFolder(
-        out / "data",
-        crop_size=size,
-        batch_size=batch,
-        seed=args.seed + 1,
-        scale=(0.5, 1.0),
-        permute_channels=True,
-    )
+    def photo_streams(**augment) -> list[train.ImageFolder]:
+        """The photograph crops as they are and with permuted channels (both stages use
+        these seeds; the second adds `augment`)."""
+        return [
+            train.ImageFolder(
+                out / "data",
+                crop_size=size,
+                batch_size=batch,
+                seed=args.seed + i,
+                scale=(0.5, 1.0),
+                permute_channels=i == 1,
+                **augment,
+            )
+            for i in range(2)
+        ]
+
     leaves = train.DeadLeaves(
         crop_size=size,
         batch_size=batch,
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         contrast=contrast,
     )
     data = train.Mixture(
-        [photos, permuted, leaves], args.mix, batch_size=batch, seed=args.seed + 3
+        [*photo_streams(), leaves], args.mix, batch_size=batch, seed=args.seed + 3
     )
     config = train.TrainConfig(
         reconstruction="l1",
@@ -367,23 +373,12 @@ def main(argv: list[str] | None = None) -> None:
             colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
             contrast=contrast,
         )
-        # The first stage's photograph crops (the same seeds), dimmed by --tune-contrast
-        # and shifted by --tune-colour-shift (`--tune-contrast 1 1 --tune-colour-shift 0`
-        # leaves them as they are).
-        tune_contrast = tuple(args.tune_contrast)
-        tune_photos = [
-            train.ImageFolder(
-                out / "data",
-                crop_size=size,
-                batch_size=batch,
-                seed=args.seed + i,
-                scale=(0.5, 1.0),
-                permute_channels=i == 1,
-                contrast=tune_contrast,
-                colour_shift=args.tune_colour_shift,
-            )
-            for i in range(2)
-        ]
+        # The first stage's photograph crops, dimmed by --tune-contrast and shifted by
+        # --tune-colour-shift (`--tune-contrast 1 1 --tune-colour-shift 0` leaves them as
+        # they are).
+        tune_photos = photo_streams(
+            contrast=tuple(args.tune_contrast), colour_shift=args.tune_colour_shift
+        )
         tune_data = train.Mixture(
             [*tune_photos, tune_leaves], args.tune_mix, batch_size=batch, seed=args.seed + 5
         )
