@@ -5,9 +5,10 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import require
+from helpers import require, small_config
 from train_helpers import assert_trees_close, image_folder, small_vae
 
+import eqx_vae
 from eqx_vae import train
 
 
@@ -175,6 +176,70 @@ def test_mixture_errors(tmp_path):
         train.Mixture([leaves, leaves], [1.0, -1.0], batch_size=2)
     with pytest.raises(ValueError, match=r"different sizes: \[16, 32\]"):
         train.Mixture([leaves, train.DeadLeaves(crop_size=32, batch_size=1)], batch_size=2)
+
+
+def test_alternating_takes_batches_from_each_stream_in_turn(tmp_path):
+    """Batch `n` is batch `n // 2` of stream `n % 2`, each stream with its own crop and
+    batch size, across the alternation's epochs; the positions a resumed run starts
+    from give the same batches."""
+    small = train.ImageFolder(image_folder(tmp_path), crop_size=16, batch_size=4, seed=1)
+    large = train.DeadLeaves(crop_size=32, batch_size=1, seed=2, epoch_size=3)
+    data = train.Alternating([small, large], epoch_size=5)
+    assert data.batch_size == 4
+    position, own = train.DataPosition(), [train.DataPosition(), train.DataPosition()]
+    positions = []
+    for n in range(12):
+        positions.append(position)
+        batch, position = data.batch(position)
+        assert position == train.DataPosition(*divmod(n + 1, 5))
+        expected, own[n % 2] = (small, large)[n % 2].batch(own[n % 2])
+        assert batch.shape == ((4, 3, 16, 16) if n % 2 == 0 else (1, 3, 32, 32))
+        np.testing.assert_array_equal(batch, expected)
+    # Started at any position, the stream goes on as it would have.
+    again = train.Alternating([small, large], epoch_size=5)
+    batches = again.batches(positions[7])
+    for n in range(7, 12):
+        batch, after = next(batches)
+        np.testing.assert_array_equal(batch, data.batch(positions[n])[0])
+        assert after == data.batch(positions[n])[1]
+    batches.close()
+    with pytest.raises(ValueError, match="at least one source"):
+        train.Alternating([])
+    with pytest.raises(TypeError, match="whole batches"):
+        data.sample(0, 0)
+
+
+def test_fit_trains_on_alternating_crop_sizes(tmp_path):
+    """`fit` on crops of two sizes in turn (a 16-pixel batch of 4, then a 32-pixel batch
+    of 1): one compiled step per shape."""
+    config = train.TrainConfig(learning_rate=2e-3, betas=(0.9, 0.99), disc_weight=0.0)
+    optimizers = train.make_optimizers(config)
+    vae = eqx_vae.AutoencoderKL(
+        small_config(block_out_channels=(8,), norm_num_groups=4), key=jax.random.key(0)
+    )
+    state = train.init_state(vae, config, optimizers, key=jax.random.key(4))
+    data = train.Alternating(
+        [
+            train.DeadLeaves(crop_size=16, batch_size=4, seed=1),
+            train.DeadLeaves(crop_size=32, batch_size=1, seed=2),
+        ]
+    )
+    state = train.fit(
+        state,
+        config,
+        data,
+        optimizers,
+        steps=2,
+        out=tmp_path / "run",
+        key=jax.random.key(5),
+        log_every=1,
+        progress=False,
+    )
+    assert int(state.step) == 2
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ and, for the data pipeline, Pillow: `pip install 'eqx_vae[train]'`)."""
 
 from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
 from ._data import (
+    Alternating as Alternating,
     DataPosition as DataPosition,
     ImageFolder as ImageFolder,
     Mixture as Mixture,

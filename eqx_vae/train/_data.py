@@ -265,3 +265,49 @@ class Mixture(Samples):
         rng = np.random.default_rng([self.seed, epoch, index])
         source = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
         return source.sample(*divmod(n, source.epoch_size))
+
+
+class Alternating(Samples):
+    """Batches from several streams in turn: batch `n` is batch `n // k` of stream
+    `n % k` (`k` streams), so each stream keeps its own crop and batch size. Training
+    on crops of several sizes this way shows GroupNorm the statistics of small and
+    large images alike; each shape is compiled once.
+
+    **Arguments:**
+
+    - `sources`: the streams ([`eqx_vae.train.ImageFolder`][],
+        [`eqx_vae.train.Mixture`][], ...), each with its own `crop_size` and
+        `batch_size`.
+    - `epoch_size`: batches per epoch (it only numbers positions).
+
+    `batch_size` is the first stream's; batches of the others may differ in size and
+    shape. The recipe's reconstruction term sums over each image's pixels and averages
+    over the batch, so a batch's loss, and its gradient, grows with its crops' area:
+    under Adam the batches of the largest crops set the scale of the steps.
+    """
+
+    def __init__(
+        self,
+        sources: "list[Samples] | tuple[Samples, ...]",
+        *,
+        epoch_size: int = 1024,
+        prefetch: int = 2,
+    ):
+        if not sources:
+            raise ValueError("Alternating needs at least one source.")
+        if epoch_size < 1:
+            raise ValueError(f"Need a positive epoch size, got {epoch_size}.")
+        self.sources = tuple(sources)
+        self.batch_size = self.sources[0].batch_size
+        self.epoch_size = epoch_size
+        self.prefetch = prefetch
+
+    def sample(self, epoch: int, index: int) -> np.ndarray:
+        raise TypeError("An Alternating stream gives whole batches (`batch`), not samples.")
+
+    def batch(self, position: DataPosition) -> tuple[np.ndarray, DataPosition]:
+        n = position.epoch * self.epoch_size + position.index
+        source = self.sources[n % len(self.sources)]
+        start = (n // len(self.sources)) * source.batch_size
+        batch, _ = source.batch(DataPosition(*divmod(start, source.epoch_size)))
+        return batch, DataPosition(*divmod(n + 1, self.epoch_size))
