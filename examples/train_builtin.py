@@ -16,7 +16,8 @@ photographs of scikit-learn and Matplotlib.
 
 `--install` writes the EMA weights (float16) to `eqx_vae/pretrained/photos_f4.eqx`;
 `--evaluate WEIGHTS` reports saved weights on the held-out sets, a colour chart and flat
-colours, and trains nothing:
+colours, and trains nothing; with `--tiles 64` also each photograph's colour error when
+its 64-pixel tiles are reconstructed one by one:
 
     python examples/train_builtin.py --evaluate eqx_vae/pretrained/photos_f4.eqx
 A run that is stopped continues from its last checkpoint when started again.
@@ -153,6 +154,28 @@ def evaluate(model: eqx_vae.AutoencoderKL, images: dict[str, np.ndarray]) -> dic
     return results
 
 
+def tiled_colour_error(
+    model: eqx_vae.AutoencoderKL, image: np.ndarray, tile: int = 64, chunk: int = 16
+) -> list[float]:
+    """The colour error (as in `evaluate`) of `image`, cropped to a multiple of `tile`
+    pixels, when each `tile`-pixel tile is reconstructed on its own: GroupNorm then
+    normalises over one tile (a training crop's size, at 64) rather than over the whole
+    photograph."""
+    c, h, w = image.shape
+    h, w = h - h % tile, w - w % tile
+    tiles = image[:, :h, :w].reshape(c, h // tile, tile, w // tile, tile)
+    tiles = tiles.transpose(1, 3, 0, 2, 4).reshape(-1, c, tile, tile)
+    reconstruct = eqx.filter_jit(lambda m, x: jnp.clip(jax.vmap(m)(x), -1, 1) - x)
+    count, total = len(tiles), np.zeros(c)
+    # Fixed-size chunks (the last one padded with repeats): one compiled program.
+    for start in range(0, count, chunk):
+        part = tiles[start : start + chunk]
+        padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+        errors = np.asarray(reconstruct(model, jnp.asarray(padded)))[: len(part)]
+        total += errors.mean(axis=(2, 3)).sum(axis=0)
+    return [float(e) for e in total / count]
+
+
 def summarise(results: dict) -> dict:
     """Means over a held-out set."""
     return {
@@ -188,15 +211,21 @@ def colour_checks(model: eqx_vae.AutoencoderKL) -> dict:
     return checks
 
 
-def evaluate_weights(path: str) -> None:
-    """`--evaluate`: the held-out sets and colour checks of saved weights."""
+def evaluate_weights(path: str, tiles: int | None = None) -> None:
+    """`--evaluate`: the held-out sets and colour checks of saved weights, and with
+    `tiles` each held-out photograph's colour error in tiles of that size
+    (`tiled_colour_error`)."""
     model = jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
         eqx_vae.load(path),
     )
-    results = {
-        group: evaluate(model, images) for group, images in held_out(model.spatial_factor).items()
-    }
+    photos = held_out(model.spatial_factor)
+    results = {group: evaluate(model, images) for group, images in photos.items()}
+    if tiles is not None:
+        for group, images in photos.items():
+            for name, image in images.items():
+                error = tiled_colour_error(model, image, tiles)
+                results[group][name][f"colour_error_{tiles}_pixel_tiles"] = error
     summary = {
         "weights": path,
         "held_out": results,
@@ -234,6 +263,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tune-steps", type=int, default=1000, help="second stage")
     parser.add_argument("--tune-learning-rate", type=float, default=5e-4)
+    parser.add_argument(
+        "--tune-crop-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="crop size of the second stage (default: --crop-size); several sizes "
+        "alternate, a batch of each in turn (`train.Alternating`)",
+    )
+    parser.add_argument(
+        "--tune-scale",
+        type=float,
+        nargs=2,
+        default=(0.5, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="the scales of the second stage's photograph crops (`ImageFolder(scale=...)`: "
+        "a crop at scale s shows crop-size / s pixels of the photograph; default 0.5 1, "
+        "as in the first stage)",
+    )
+    parser.add_argument(
+        "--tune-batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="BATCH",
+        help="batch size of the second stage, one per --tune-crop-size (default: --batch-size)",
+    )
     parser.add_argument(
         "--tune-mix",
         type=float,
@@ -277,9 +333,20 @@ def main(argv: list[str] | None = None) -> None:
         help="evaluate saved weights (an eqx_vae checkpoint, such as "
         f"{BUILTIN_PATH.name}) on the held-out sets and colour checks, and train nothing",
     )
+    parser.add_argument(
+        "--tiles",
+        type=int,
+        metavar="SIZE",
+        help="with --evaluate, also each held-out photograph's colour error when its "
+        "tiles of this size are reconstructed one by one",
+    )
     args = parser.parse_args(argv)
+    args.tune_crop_size = args.tune_crop_size or [args.crop_size]
+    args.tune_batch_size = args.tune_batch_size or [args.batch_size] * len(args.tune_crop_size)
+    if len(args.tune_batch_size) != len(args.tune_crop_size):
+        parser.error("--tune-batch-size needs one batch size per --tune-crop-size")
     if args.evaluate:
-        evaluate_weights(args.evaluate)
+        evaluate_weights(args.evaluate, args.tiles)
         return
 
     out = pathlib.Path(args.out)
@@ -288,7 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     contrast = None if args.contrast is None else tuple(args.contrast)
 
     # Crops at scales 0.5 to 1 show more of each photograph than plain crops.
-    def photo_streams(**augment) -> list[train.ImageFolder]:
+    def photo_streams(
+        size: int,
+        batch: int,
+        scale: tuple[float, float] = (0.5, 1.0),
+        seed: int = args.seed,
+        **augment,
+    ) -> list[train.ImageFolder]:
         """The photograph crops as they are and with permuted channels (both stages use
         these seeds; the second adds `augment`)."""
         return [
@@ -296,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                 out / "data",
                 crop_size=size,
                 batch_size=batch,
-                seed=args.seed + i,
-                scale=(0.5, 1.0),
+                seed=seed + i,
+                scale=scale,
                 permute_channels=i == 1,
                 **augment,
             )
@@ -312,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         contrast=contrast,
     )
     data = train.Mixture(
-        [*photo_streams(), leaves], args.mix, batch_size=batch, seed=args.seed + 3
+        [*photo_streams(size, batch), leaves], args.mix, batch_size=batch, seed=args.seed + 3
     )
     config = train.TrainConfig(
         reconstruction="l1",
@@ -366,22 +439,38 @@ def main(argv: list[str] | None = None) -> None:
             decay_steps=args.tune_steps,
             logvar_init=float(state.logvar),
         )
-        tune_leaves = train.DeadLeaves(
-            crop_size=size,
-            batch_size=batch,
-            seed=args.seed + 4,
-            colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
-            contrast=contrast,
-        )
-        # The first stage's photograph crops, dimmed by --tune-contrast and shifted by
-        # --tune-colour-shift (`--tune-contrast 1 1 --tune-colour-shift 0` leaves them as
-        # they are).
-        tune_photos = photo_streams(
-            contrast=tuple(args.tune_contrast), colour_shift=args.tune_colour_shift
-        )
-        tune_data = train.Mixture(
-            [*tune_photos, tune_leaves], args.tune_mix, batch_size=batch, seed=args.seed + 5
-        )
+        tune_streams = []
+        sizes = zip(args.tune_crop_size, args.tune_batch_size, strict=True)
+        for i, (tune_size, tune_batch) in enumerate(sizes):
+            seed = args.seed + 10 * i  # the first size keeps the seeds of one size
+            tune_leaves = train.DeadLeaves(
+                crop_size=tune_size,
+                batch_size=tune_batch,
+                seed=seed + 4,
+                colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
+                contrast=contrast,
+            )
+            # The first stage's photograph crops, dimmed by --tune-contrast and shifted
+            # by --tune-colour-shift (`--tune-contrast 1 1 --tune-colour-shift 0` leaves
+            # them as they are).
+            tune_photos = photo_streams(
+                tune_size,
+                tune_batch,
+                tuple(args.tune_scale),
+                seed=seed,
+                contrast=tuple(args.tune_contrast),
+                colour_shift=args.tune_colour_shift,
+            )
+            tune_streams.append(
+                train.Mixture(
+                    [*tune_photos, tune_leaves],
+                    args.tune_mix,
+                    batch_size=tune_batch,
+                    seed=seed + 5,
+                )
+            )
+        # Several crop sizes: a batch of each in turn.
+        tune_data = tune_streams[0] if len(tune_streams) == 1 else train.Alternating(tune_streams)
         tune_optimizers = train.make_optimizers(tune_config)
         state = train.init_state(
             state.ema, tune_config, tune_optimizers, key=jax.random.key(args.seed + 1)
@@ -408,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
         "mix": list(args.mix),
         "tune_steps": args.tune_steps,
         "tune_mix": list(args.tune_mix),
+        "tune_crop_size": args.tune_crop_size,
+        "tune_batch_size": args.tune_batch_size,
+        "tune_scale": list(args.tune_scale),
         "contrast": args.contrast,
         "tune_contrast": list(args.tune_contrast),
         "tune_colour_shift": args.tune_colour_shift,

@@ -1,9 +1,14 @@
 """The built-in model: its colours and the figures README gives for it."""
 
+import pathlib
+import sys
+
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import small_config
 
 import eqx_vae
 
@@ -28,11 +33,42 @@ def test_builtin_model_reconstructs_a_colour_chart():
     assert sum(v < 0.05 for v in worst.values()) >= 17, report
 
 
+def import_train_builtin():
+    root = pathlib.Path(__file__).parent.parent
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        import train_builtin  # pyright: ignore[reportMissingImports]
+    finally:
+        sys.path.remove(str(root / "examples"))
+    return train_builtin
+
+
+def test_tiled_colour_error_reconstructs_each_tile_on_its_own(getkey):
+    """`train_builtin.py --evaluate --tiles`: the colour error of the image cropped to
+    whole tiles, each tile reconstructed alone (six tiles in chunks of four: the last
+    chunk padded), against the model called tile by tile."""
+    train_builtin = import_train_builtin()
+    model = eqx_vae.AutoencoderKL(small_config(), key=getkey())
+    image = np.asarray(jax.random.uniform(getkey(), (3, 40, 50), minval=-1.0, maxval=1.0))
+    got = train_builtin.tiled_colour_error(model, image, tile=16, chunk=4)
+    call = eqx.filter_jit(lambda m, x: m(x))
+    errors = [
+        np.asarray(jnp.clip(call(model, jnp.asarray(tile)), -1, 1) - tile).mean(axis=(1, 2))
+        for row in range(2)
+        for col in range(3)
+        for tile in [image[:, 16 * row : 16 * row + 16, 16 * col : 16 * col + 16]]
+    ]
+    np.testing.assert_allclose(got, np.mean(errors, axis=0), rtol=1e-5, atol=1e-6)
+    full = np.asarray(
+        jnp.clip(call(model, jnp.asarray(image[:, :32, :48])), -1, 1) - image[:, :32, :48]
+    )
+    assert not np.allclose(got, full.mean(axis=(1, 2)), atol=1e-6)
+
+
 def test_readme_reports_the_evaluation_of_the_shipped_model():
     """README's table of held-out photographs is `runs/builtin/eval.json`, which
     `examples/train_builtin.py` wrote for the shipped weights."""
     import json
-    import pathlib
 
     root = pathlib.Path(__file__).parent.parent
     record = json.loads((root / "runs" / "builtin" / "eval.json").read_text())
@@ -66,15 +102,9 @@ def test_train_builtin_evaluate_reports_the_shipped_weights(capsys):
     images: a flat mid-grey comes back magenta, green 0.25 low and blue 0.12 high, and
     six of the twenty colours come back within 0.05."""
     import json
-    import pathlib
-    import sys
 
     root = pathlib.Path(__file__).parent.parent
-    sys.path.insert(0, str(root / "examples"))
-    try:
-        import train_builtin  # pyright: ignore[reportMissingImports]
-    finally:
-        sys.path.remove(str(root / "examples"))
+    train_builtin = import_train_builtin()
     train_builtin.main(["--evaluate", str(root / "eqx_vae" / "pretrained" / "photos_f4.eqx")])
     report = json.loads(capsys.readouterr().out)
     record = json.loads((root / "runs" / "builtin" / "eval.json").read_text())
