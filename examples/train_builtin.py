@@ -13,6 +13,7 @@ photographs of scikit-learn and Matplotlib.
     pip install -e ".[train]"
     python examples/train_builtin.py --out runs/builtin            # the shipped model
     python examples/train_builtin.py --out runs/smoke --steps 20 --tune-steps 20
+    python examples/train_builtin.py --out runs/sizes --crop-size 64 128 --batch-size 8 2
 
 `--install` writes the EMA weights (float16) to `eqx_vae/pretrained/photos_f4.eqx`;
 `--evaluate WEIGHTS` reports saved weights on the held-out sets, a colour chart and flat
@@ -20,6 +21,7 @@ colours, and trains nothing; with `--tiles 64` also each photograph's colour err
 its 64-pixel tiles are reconstructed one by one:
 
     python examples/train_builtin.py --evaluate eqx_vae/pretrained/photos_f4.eqx
+
 A run that is stopped continues from its last checkpoint when started again.
 """
 
@@ -245,12 +247,29 @@ def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.Samples) -> float:
     return float(1.0 / np.std(np.concatenate(latents)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with every stage's crop and batch sizes resolved to lists of
+    the same length."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/builtin", help="the run's folder")
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        nargs="+",
+        default=[64],
+        metavar="SIZE",
+        help="crop size of the first stage (default 64); several sizes alternate, a batch "
+        "of each in turn (`train.Alternating`)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="BATCH",
+        help="batch size of the first stage, one per --crop-size (default 8)",
+    )
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument(
         "--mix",
@@ -270,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         metavar="SIZE",
         help="crop size of the second stage (default: --crop-size); several sizes "
-        "alternate, a batch of each in turn (`train.Alternating`)",
+        "alternate, as in the first stage",
     )
     parser.add_argument(
         "--tune-scale",
@@ -341,52 +360,71 @@ def main(argv: list[str] | None = None) -> None:
         "tiles of this size are reconstructed one by one",
     )
     args = parser.parse_args(argv)
-    args.tune_crop_size = args.tune_crop_size or [args.crop_size]
-    args.tune_batch_size = args.tune_batch_size or [args.batch_size] * len(args.tune_crop_size)
+    args.batch_size = args.batch_size or [8] * len(args.crop_size)
+    if len(args.batch_size) != len(args.crop_size):
+        parser.error("--batch-size needs one batch size per --crop-size")
+    if args.tune_crop_size is None:
+        args.tune_crop_size = args.crop_size
+        args.tune_batch_size = args.tune_batch_size or args.batch_size
+    args.tune_batch_size = args.tune_batch_size or [8] * len(args.tune_crop_size)
     if len(args.tune_batch_size) != len(args.tune_crop_size):
         parser.error("--tune-batch-size needs one batch size per --tune-crop-size")
+    return args
+
+
+def stage_data(args: argparse.Namespace, folder: pathlib.Path, stage: int) -> train.Samples:
+    """The training data of the first or second stage (`parse_args`' options), from
+    the photographs `export_photos` wrote to `folder`: for each crop size a mixture of
+    photograph crops (at scales 0.5 to 1, which show more of each photograph than plain
+    crops; in the second stage dimmed by `--tune-contrast` and shifted by
+    `--tune-colour-shift`), the same with permuted channels, and dead leaves; several
+    sizes alternate, a batch of each in turn (`train.Alternating`)."""
+    contrast = None if args.contrast is None else tuple(args.contrast)
+    if stage == 1:
+        sizes = zip(args.crop_size, args.batch_size, strict=True)
+        mix, shares, scale, augment = args.mix, (0.5, 0.25, 0.25), (0.5, 1.0), {}
+    else:
+        sizes = zip(args.tune_crop_size, args.tune_batch_size, strict=True)
+        mix, shares, scale = args.tune_mix, (0.25, 0.25, 0.5), tuple(args.tune_scale)
+        augment = {"contrast": tuple(args.tune_contrast), "colour_shift": args.tune_colour_shift}
+    colours = palette(shares, seed=args.seed + stage - 1)
+    streams = []
+    for i, (size, batch) in enumerate(sizes):
+        seed = args.seed + 10 * i  # the first size keeps the seeds of one size
+        photos = [
+            train.ImageFolder(
+                folder,
+                crop_size=size,
+                batch_size=batch,
+                seed=seed + j,
+                scale=scale,
+                permute_channels=j == 1,
+                **augment,
+            )
+            for j in range(2)
+        ]
+        leaves = train.DeadLeaves(
+            crop_size=size,
+            batch_size=batch,
+            seed=seed + 2 * stage,
+            colours=colours,
+            contrast=contrast,
+        )
+        streams.append(
+            train.Mixture([*photos, leaves], mix, batch_size=batch, seed=seed + 1 + 2 * stage)
+        )
+    return streams[0] if len(streams) == 1 else train.Alternating(streams)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.evaluate:
         evaluate_weights(args.evaluate, args.tiles)
         return
 
     out = pathlib.Path(args.out)
     export_photos(out / "data")
-    size, batch = args.crop_size, args.batch_size
-    contrast = None if args.contrast is None else tuple(args.contrast)
-
-    # Crops at scales 0.5 to 1 show more of each photograph than plain crops.
-    def photo_streams(
-        size: int,
-        batch: int,
-        scale: tuple[float, float] = (0.5, 1.0),
-        seed: int = args.seed,
-        **augment,
-    ) -> list[train.ImageFolder]:
-        """The photograph crops as they are and with permuted channels (both stages use
-        these seeds; the second adds `augment`)."""
-        return [
-            train.ImageFolder(
-                out / "data",
-                crop_size=size,
-                batch_size=batch,
-                seed=seed + i,
-                scale=scale,
-                permute_channels=i == 1,
-                **augment,
-            )
-            for i in range(2)
-        ]
-
-    leaves = train.DeadLeaves(
-        crop_size=size,
-        batch_size=batch,
-        seed=args.seed + 2,
-        colours=palette((0.5, 0.25, 0.25), seed=args.seed),
-        contrast=contrast,
-    )
-    data = train.Mixture(
-        [*photo_streams(size, batch), leaves], args.mix, batch_size=batch, seed=args.seed + 3
-    )
+    data = stage_data(args, out / "data", stage=1)
     config = train.TrainConfig(
         reconstruction="l1",
         kl_weight=1e-6,
@@ -439,38 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             decay_steps=args.tune_steps,
             logvar_init=float(state.logvar),
         )
-        tune_streams = []
-        sizes = zip(args.tune_crop_size, args.tune_batch_size, strict=True)
-        for i, (tune_size, tune_batch) in enumerate(sizes):
-            seed = args.seed + 10 * i  # the first size keeps the seeds of one size
-            tune_leaves = train.DeadLeaves(
-                crop_size=tune_size,
-                batch_size=tune_batch,
-                seed=seed + 4,
-                colours=palette((0.25, 0.25, 0.5), seed=args.seed + 1),
-                contrast=contrast,
-            )
-            # The first stage's photograph crops, dimmed by --tune-contrast and shifted
-            # by --tune-colour-shift (`--tune-contrast 1 1 --tune-colour-shift 0` leaves
-            # them as they are).
-            tune_photos = photo_streams(
-                tune_size,
-                tune_batch,
-                tuple(args.tune_scale),
-                seed=seed,
-                contrast=tuple(args.tune_contrast),
-                colour_shift=args.tune_colour_shift,
-            )
-            tune_streams.append(
-                train.Mixture(
-                    [*tune_photos, tune_leaves],
-                    args.tune_mix,
-                    batch_size=tune_batch,
-                    seed=seed + 5,
-                )
-            )
-        # Several crop sizes: a batch of each in turn.
-        tune_data = tune_streams[0] if len(tune_streams) == 1 else train.Alternating(tune_streams)
+        tune_data = stage_data(args, out / "data", stage=2)
         tune_optimizers = train.make_optimizers(tune_config)
         state = train.init_state(
             state.ema, tune_config, tune_optimizers, key=jax.random.key(args.seed + 1)
@@ -495,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "steps": args.steps,
         "mix": list(args.mix),
+        "crop_size": args.crop_size,
+        "batch_size": args.batch_size,
         "tune_steps": args.tune_steps,
         "tune_mix": list(args.tune_mix),
         "tune_crop_size": args.tune_crop_size,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import require, small_config
 
 import eqx_vae
 
@@ -63,6 +63,39 @@ def test_tiled_colour_error_reconstructs_each_tile_on_its_own(getkey):
         jnp.clip(call(model, jnp.asarray(image[:, :32, :48])), -1, 1) - image[:, :32, :48]
     )
     assert not np.allclose(got, full.mean(axis=(1, 2)), atol=1e-6)
+
+
+def test_train_builtin_alternates_crop_sizes_in_both_stages(tmp_path, capsys):
+    """`train_builtin.py --crop-size 16 32 --batch-size 4 1`: both stages take a batch
+    of each size in turn (the second stage follows the first unless given its own
+    sizes); one size by default; a batch size per crop size."""
+    require("skimage")
+    require("PIL.Image")
+    from eqx_vae import train
+
+    train_builtin = import_train_builtin()
+    default = train_builtin.parse_args([])
+    assert (default.crop_size, default.batch_size) == ([64], [8])
+    assert (default.tune_crop_size, default.tune_batch_size) == ([64], [8])
+    args = train_builtin.parse_args(["--crop-size", "16", "32", "--batch-size", "4", "1"])
+    assert (args.tune_crop_size, args.tune_batch_size) == ([16, 32], [4, 1])
+    train_builtin.export_photos(tmp_path)
+    for stage in (1, 2):
+        data = train_builtin.stage_data(args, tmp_path, stage)
+        position = train.DataPosition()
+        shapes = []
+        for _ in range(3):
+            batch, position = data.batch(position)
+            assert np.abs(batch).max() <= 1
+            shapes.append(batch.shape)
+        assert shapes == [(4, 3, 16, 16), (1, 3, 32, 32), (4, 3, 16, 16)], stage
+    single = train_builtin.stage_data(train_builtin.parse_args(["--crop-size", "16"]), tmp_path, 1)
+    assert single.batch(train.DataPosition())[0].shape == (8, 3, 16, 16)
+    tuned = train_builtin.parse_args([*("--crop-size", "16", "32"), "--tune-crop-size", "24"])
+    assert (tuned.batch_size, tuned.tune_crop_size, tuned.tune_batch_size) == ([8, 8], [24], [8])
+    with pytest.raises(SystemExit):
+        train_builtin.parse_args(["--crop-size", "64", "128", "--batch-size", "8"])
+    assert "one batch size per --crop-size" in capsys.readouterr().err
 
 
 def test_readme_reports_the_evaluation_of_the_shipped_model():
