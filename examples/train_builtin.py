@@ -344,6 +344,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="offset each channel of each photograph crop of the second stage by up to "
         "this much (`ImageFolder(colour_shift=...)`; default 0.2)",
     )
+    parser.add_argument(
+        "--per-pixel-loss",
+        action="store_true",
+        help="with several crop sizes, weigh every pixel alike: each batch's loss times "
+        "the first crop size's area over its crops' (`TrainConfig(loss_area=...)`); by "
+        "default a batch's loss grows with its crops' area",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"write {BUILTIN_PATH}")
     parser.add_argument(
@@ -434,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         decay_steps=args.steps,
         betas=(0.9, 0.99),
         ema_decay=0.999,
+        loss_area=args.crop_size[0] ** 2 if args.per_pixel_loss else None,
     )
     vae = eqx_vae.AutoencoderKL(builtin_config(), key=jax.random.key(args.seed))
     optimizers = train.make_optimizers(config)
@@ -476,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
             warmup_steps=min(50, args.tune_steps // 2),
             decay_steps=args.tune_steps,
             logvar_init=float(state.logvar),
+            loss_area=args.tune_crop_size[0] ** 2 if args.per_pixel_loss else None,
         )
         tune_data = stage_data(args, out / "data", stage=2)
         tune_optimizers = train.make_optimizers(tune_config)
@@ -504,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         "mix": list(args.mix),
         "crop_size": args.crop_size,
         "batch_size": args.batch_size,
+        "per_pixel_loss": args.per_pixel_loss,
         "tune_steps": args.tune_steps,
         "tune_mix": list(args.tune_mix),
         "tune_crop_size": args.tune_crop_size,

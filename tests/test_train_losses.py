@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, require, require_torch
+from helpers import assert_close, require, require_torch, small_config
 
 import eqx_vae
 from eqx_vae import train
@@ -131,6 +131,31 @@ def test_reconstruction_gradients_match_diffusers(checkpoint):
         assert np.abs(ours[name] - want).max() <= tolerance, name
 
 
+def test_loss_area_weighs_every_pixel_alike_across_crop_sizes(getkey):
+    """`TrainConfig(loss_area=...)`: the loss, and so its gradients, times
+    `loss_area / (height * width)`; unchanged at that area; the metrics unscaled."""
+    vae = eqx_vae.AutoencoderKL(small_config(), key=getkey())
+    images = jax.random.uniform(getkey(), (2, 3, 32, 32), minval=-1.0, maxval=1.0)
+    keys = jax.random.split(getkey(), 2)
+    logvar = jnp.asarray(0.3)
+
+    def value_and_grad(config):
+        def loss(model):
+            return train.autoencoder_loss(model, logvar, images, keys, config)
+
+        return eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(vae)
+
+    (plain, (metrics, _)), plain_grads = value_and_grad(train.TrainConfig())
+    (same, _), _ = value_and_grad(train.TrainConfig(loss_area=32 * 32))
+    (quarter, (scaled_metrics, _)), grads = value_and_grad(train.TrainConfig(loss_area=16 * 16))
+    np.testing.assert_allclose(same, plain, rtol=1e-6)
+    np.testing.assert_allclose(quarter, plain / 4, rtol=1e-6)
+    leaves = jax.tree_util.tree_leaves
+    for g, p in zip(leaves(grads), leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(g, p / 4, rtol=1e-4, atol=1e-9)
+    assert scaled_metrics["nll"] == metrics["nll"] and scaled_metrics["kl"] == metrics["kl"]
+
+
 def test_config_rejects_nonsense(without_typechecks):
     with pytest.raises(ValueError, match="reconstruction"):
         train.TrainConfig(reconstruction="l3")  # pyright: ignore[reportArgumentType]
@@ -138,6 +163,8 @@ def test_config_rejects_nonsense(without_typechecks):
         train.TrainConfig(accumulate=0)
     with pytest.raises(ValueError, match="ema_decay"):
         train.TrainConfig(ema_decay=1.5)
+    with pytest.raises(ValueError, match="loss_area"):
+        train.TrainConfig(loss_area=0)
     config = train.TrainConfig(ema_decay=0.99, betas=(0.9, 0.99))
     assert train.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 

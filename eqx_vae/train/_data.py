@@ -284,6 +284,7 @@ class Alternating(Samples):
     shape. The recipe's reconstruction term sums over each image's pixels and averages
     over the batch, so a batch's loss, and its gradient, grows with its crops' area:
     under Adam the batches of the largest crops set the scale of the steps.
+    `TrainConfig(loss_area=...)` weighs every pixel alike instead.
     """
 
     def __init__(

@@ -92,7 +92,9 @@ def autoencoder_loss(
 ) -> tuple[Float[Array, ""], tuple[dict[str, Array], Batch]]:
     """The autoencoder's loss on a batch: `reconstruction_loss + kl_weight * KL`, plus,
     with a discriminator, `disc_factor` times the adaptively weighted generator term
-    (the weight from the gradients at `decoder.conv_out.weight`).
+    (the weight from the gradients at `decoder.conv_out.weight`); all of it times
+    `loss_area / (height * width)` when `config.loss_area` is set (the metrics `nll`
+    and `kl` stay unscaled).
 
     **Returns:**
 
@@ -123,6 +125,8 @@ def autoencoder_loss(
         d_weight = adaptive_weight(nll_grad, g_grad, config.disc_weight)
         total = total + d_weight * disc_factor * g
         metrics.update(g_loss=g, d_weight=d_weight)
+    if config.loss_area is not None:
+        total = total * (config.loss_area / (images.shape[-2] * images.shape[-1]))
     return total, (metrics, recon)
 
 

@@ -39,6 +39,12 @@ class TrainConfig:
         gradients (memory of one micro-batch, result of the whole batch).
     - `checkpoint`: recompute block activations in the backward pass (less memory).
     - `compute_dtype`: the forward pass's compute dtype (see `AutoencoderKL.decode`).
+    - `loss_area`: for batches of several crop sizes ([`eqx_vae.train.Alternating`][]):
+        scale the autoencoder's loss by `loss_area / (height * width)`, so that every
+        pixel weighs alike whatever the size of its crop. The recipe sums its terms over
+        each image's pixels, so a batch of 128-pixel crops would otherwise weigh four
+        times one of 64-pixel crops. At crops of `loss_area` pixels the recipe is
+        unchanged; by default (`None`) nothing is scaled.
     """
 
     reconstruction: Literal["l1", "l2"] = "l1"
@@ -59,6 +65,7 @@ class TrainConfig:
     accumulate: int = 1
     checkpoint: bool = False
     compute_dtype: str | None = None
+    loss_area: int | None = None
 
     def __post_init__(self):
         if self.reconstruction not in ("l1", "l2"):
@@ -78,6 +85,8 @@ class TrainConfig:
                 "Need `warmup_steps >= 0` and `decay_steps` (when set) after it, got "
                 f"{self.warmup_steps} and {self.decay_steps}."
             )
+        if self.loss_area is not None and self.loss_area < 1:
+            raise ValueError(f"`loss_area` must be a positive pixel count, got {self.loss_area}.")
         for name in ("perceptual_weight", "kl_weight", "disc_weight", "learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must not be negative, got {getattr(self, name)}.")
