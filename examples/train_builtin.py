@@ -244,7 +244,8 @@ def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.Samples) -> float:
     for _ in range(8):
         batch, position = data.batch(position)
         latents.append(np.asarray(encode(model, jnp.asarray(batch))))
-    return float(1.0 / np.std(np.concatenate(latents)))
+    # Flattened: batches of several crop sizes give latents of several sizes.
+    return float(1.0 / np.std(np.concatenate([z.ravel() for z in latents])))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -89,6 +89,9 @@ def test_train_builtin_alternates_crop_sizes_in_both_stages(tmp_path, capsys):
             assert np.abs(batch).max() <= 1
             shapes.append(batch.shape)
         assert shapes == [(4, 3, 16, 16), (1, 3, 32, 32), (4, 3, 16, 16)], stage
+    # The latent scaling measured on both sizes' latents.
+    model = eqx_vae.AutoencoderKL(small_config(), key=jax.random.key(0))
+    assert np.isfinite(train_builtin.latent_scaling(model, data))
     single = train_builtin.stage_data(train_builtin.parse_args(["--crop-size", "16"]), tmp_path, 1)
     assert single.batch(train.DataPosition())[0].shape == (8, 3, 16, 16)
     tuned = train_builtin.parse_args([*("--crop-size", "16", "32"), "--tune-crop-size", "24"])
