@@ -162,7 +162,7 @@ def tiled_colour_error(
     """The colour error (as in `evaluate`) of `image`, cropped to a multiple of `tile`
     pixels, when each `tile`-pixel tile is reconstructed on its own: GroupNorm then
     normalises over one tile (a training crop's size, at 64) rather than over the whole
-    photograph."""
+    photograph, and every pixel lies near a tile's border."""
     c, h, w = image.shape
     h, w = h - h % tile, w - w % tile
     tiles = image[:, :h, :w].reshape(c, h // tile, tile, w // tile, tile)
@@ -308,7 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         metavar="BATCH",
-        help="batch size of the second stage, one per --tune-crop-size (default: --batch-size)",
+        help="batch size of the second stage, one per --tune-crop-size (default: "
+        "--batch-size when the second stage keeps the first's crop sizes, else 8)",
     )
     parser.add_argument(
         "--tune-mix",
@@ -368,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tiles of this size are reconstructed one by one",
     )
     args = parser.parse_args(argv)
+    if args.tiles is not None and (args.evaluate is None or args.tiles < 1):
+        parser.error("--tiles needs --evaluate and a positive tile size")
     args.batch_size = args.batch_size or [8] * len(args.crop_size)
     if len(args.batch_size) != len(args.crop_size):
         parser.error("--batch-size needs one batch size per --crop-size")

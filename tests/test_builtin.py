@@ -99,6 +99,9 @@ def test_train_builtin_alternates_crop_sizes_in_both_stages(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_builtin.parse_args(["--crop-size", "64", "128", "--batch-size", "8"])
     assert "one batch size per --crop-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_builtin.parse_args(["--tiles", "64"])
+    assert "--tiles needs --evaluate" in capsys.readouterr().err
 
 
 def test_readme_reports_the_evaluation_of_the_shipped_model():

@@ -150,10 +150,12 @@ def test_loss_area_weighs_every_pixel_alike_across_crop_sizes(getkey):
     (quarter, (scaled_metrics, _)), grads = value_and_grad(train.TrainConfig(loss_area=16 * 16))
     np.testing.assert_allclose(same, plain, rtol=1e-6)
     np.testing.assert_allclose(quarter, plain / 4, rtol=1e-6)
+    # Each gradient tensor within 1e-5 of its largest element (two compiled programs).
     leaves = jax.tree_util.tree_leaves
     for g, p in zip(leaves(grads), leaves(plain_grads), strict=True):
-        np.testing.assert_allclose(g, p / 4, rtol=1e-4, atol=1e-9)
-    assert scaled_metrics["nll"] == metrics["nll"] and scaled_metrics["kl"] == metrics["kl"]
+        np.testing.assert_allclose(g, p / 4, rtol=0, atol=1e-5 * float(np.abs(p / 4).max()))
+    for name in ("nll", "kl"):
+        np.testing.assert_allclose(scaled_metrics[name], metrics[name], rtol=1e-6)
 
 
 def test_config_rejects_nonsense(without_typechecks):
