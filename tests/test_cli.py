@@ -621,6 +621,11 @@ def test_train_recipe_defaults():
     config = _train._train_config(args)
     assert config.learning_rate == 1e-4 and config.decay_steps is None
     assert config.warmup_steps == 7
+    assert config.colour_weight == 0.0 and config.colour_block == 8
+    args = parse("--colour-weight", "4", "--colour-block", "16")
+    _train.resolve_recipe(args)
+    config = _train._train_config(args)
+    assert config.colour_weight == 4.0 and config.colour_block == 16
 
 
 @pytest.mark.slow

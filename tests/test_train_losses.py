@@ -158,6 +158,38 @@ def test_loss_area_weighs_every_pixel_alike_across_crop_sizes(getkey):
         np.testing.assert_allclose(scaled_metrics[name], metrics[name], rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_colour_weight_adds_the_error_of_block_means(kind, getkey):
+    """`TrainConfig(colour_weight=w, colour_block=b)`: the NLL's per-pixel error gains
+    `w` times the error of the `b` by `b` block means on each block's pixels (none past
+    the last whole block), against a hand computation in NumPy."""
+    images = np.asarray(jax.random.uniform(getkey(), (2, 3, 20, 12), minval=-1.0, maxval=1.0))
+    recon = np.asarray(jax.random.uniform(getkey(), (2, 3, 20, 12), minval=-1.0, maxval=1.0))
+    logvar = jnp.asarray(0.4)
+    distance = np.abs if kind == "l1" else np.square
+    means = lambda x: x[..., :16, :8].reshape(2, 3, 2, 8, 1, 8).mean(axis=(3, 5))  # noqa: E731
+    colour = np.zeros_like(images)
+    colour[..., :16, :8] = np.kron(distance(means(images) - means(recon)), np.ones((8, 8)))
+    per_pixel = distance(images - recon) + 2.5 * colour
+    expected = np.mean(np.sum(per_pixel / np.exp(0.4) + 0.4, axis=(1, 2, 3)))
+    config = train.TrainConfig(reconstruction=kind, colour_weight=2.5, colour_block=8)
+    ours = train.reconstruction_loss(jnp.asarray(images), jnp.asarray(recon), logvar, config)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    # A difference that is constant over each block counts 1 + colour_weight times.
+    shifted = images + np.float32(0.1)
+    plain = train.TrainConfig(reconstruction=kind)
+    base = train.reconstruction_loss(jnp.asarray(images), jnp.asarray(shifted), logvar, plain)
+    weighted = train.reconstruction_loss(
+        jnp.asarray(images[..., :16, :8]), jnp.asarray(shifted[..., :16, :8]), logvar, config
+    )
+    base_area = train.reconstruction_loss(
+        jnp.asarray(images[..., :16, :8]), jnp.asarray(shifted[..., :16, :8]), logvar, plain
+    )
+    offset = 3 * 16 * 8 * 0.4
+    np.testing.assert_allclose(weighted - offset, 3.5 * (base_area - offset), rtol=1e-4)
+    assert float(base) > float(base_area)
+
+
 def test_config_rejects_nonsense(without_typechecks):
     with pytest.raises(ValueError, match="reconstruction"):
         train.TrainConfig(reconstruction="l3")  # pyright: ignore[reportArgumentType]
@@ -167,6 +199,10 @@ def test_config_rejects_nonsense(without_typechecks):
         train.TrainConfig(ema_decay=1.5)
     with pytest.raises(ValueError, match="loss_area"):
         train.TrainConfig(loss_area=0)
+    with pytest.raises(ValueError, match="colour_block"):
+        train.TrainConfig(colour_weight=1.0, colour_block=0)
+    with pytest.raises(ValueError, match="colour_weight"):
+        train.TrainConfig(colour_weight=-1.0)
     config = train.TrainConfig(ema_decay=0.99, betas=(0.9, 0.99))
     assert train.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 

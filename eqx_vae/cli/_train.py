@@ -125,6 +125,14 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: Any) -> Non
     parser.add_argument("--disc-start", type=int, default=defaults.disc_start)
     parser.add_argument("--perceptual-weight", type=float, default=0.0)
     parser.add_argument(
+        "--colour-weight",
+        type=float,
+        default=0.0,
+        help="weight of the error of the images' means over --colour-block blocks, added "
+        "to the per-pixel error (local colour; 0, the default, disables it)",
+    )
+    parser.add_argument("--colour-block", type=int, default=defaults.colour_block)
+    parser.add_argument(
         "--vgg16", type=pathlib.Path, help="torchvision's VGG16 weights, for LPIPS"
     )
     parser.add_argument("--decoder-only", action="store_true")
@@ -352,6 +360,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     return train.TrainConfig(
         reconstruction=args.reconstruction,
         perceptual_weight=args.perceptual_weight,
+        colour_weight=args.colour_weight,
+        colour_block=args.colour_block,
         kl_weight=args.kl_weight,
         disc_weight=args.disc_weight,
         disc_start=args.disc_start,

@@ -20,6 +20,24 @@ def l2(x: Float[Array, "*shape"], y: Float[Array, "*shape"]) -> Float[Array, "*s
     return jnp.square(x - y)
 
 
+def block_means(x: Float[Array, "*batch c h w"], size: int) -> Float[Array, "*batch c h2 w2"]:
+    """Means over `size` by `size` blocks (rows and columns past the last whole block
+    are left out)."""
+    *batch, c, h, w = x.shape
+    bh, bw = h // size, w // size
+    x = x[..., : bh * size, : bw * size].reshape(*batch, c, bh, size, bw, size)
+    return jnp.mean(x, axis=(-3, -1))
+
+
+def on_pixels(
+    x: Float[Array, "*batch c h2 w2"], size: int, h: int, w: int
+) -> Float[Array, "*batch c h w"]:
+    """Each block's value on each of its `size` by `size` pixels, zero past the last
+    whole block, at `h` by `w`: the inverse layout of `block_means`."""
+    x = jnp.repeat(jnp.repeat(x, size, axis=-2), size, axis=-1)
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, h - x.shape[-2]), (0, w - x.shape[-1])])
+
+
 def nll_with_learned_logvar(
     reconstruction_error: Float[Array, "c h w"], logvar: Float[Array, ""]
 ) -> Float[Array, ""]:

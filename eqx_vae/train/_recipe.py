@@ -21,11 +21,13 @@ from .._policy import Policy
 from .._scope import Scope
 from ._losses import (
     adaptive_weight,
+    block_means,
     generator_loss,
     hinge_d_loss,
     l1,
     l2,
     nll_with_learned_logvar,
+    on_pixels,
     vanilla_d_loss,
 )
 from ._lpips import LPIPS
@@ -70,9 +72,15 @@ def reconstruction_loss(
     lpips: LPIPS | None = None,
 ) -> Float[Array, ""]:
     """The recipe's NLL: the per-pixel error (L1 or L2, plus `perceptual_weight` times
-    LPIPS) divided by `exp(logvar)`, plus `logvar`, summed over each image and averaged
-    over the batch."""
-    per_pixel = (l1 if config.reconstruction == "l1" else l2)(images, recon)
+    LPIPS, plus `colour_weight` times the error of the block means) divided by
+    `exp(logvar)`, plus `logvar`, summed over each image and averaged over the batch."""
+    distance = l1 if config.reconstruction == "l1" else l2
+    per_pixel = distance(images, recon)
+    if config.colour_weight > 0:
+        size = config.colour_block
+        blocks = distance(block_means(images, size), block_means(recon, size))
+        colour = on_pixels(blocks, size, images.shape[-2], images.shape[-1])
+        per_pixel = per_pixel + config.colour_weight * colour
     if lpips is not None and config.perceptual_weight > 0:
         perceptual = jax.vmap(lpips)(images, recon)
         per_pixel = per_pixel + config.perceptual_weight * perceptual[:, None, None, None]

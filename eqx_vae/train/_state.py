@@ -19,6 +19,11 @@ class TrainConfig:
     - `reconstruction`: `"l1"` or `"l2"`, per pixel.
     - `perceptual_weight`: weight of LPIPS added to the per-pixel term (needs an
         `LPIPS` module with trained weights; 0 disables it).
+    - `colour_weight`, `colour_block`: add `colour_weight` times the per-pixel error
+        (L1 or L2, as `reconstruction`) of the images' means over `colour_block` by
+        `colour_block` blocks, on each block's pixels. The per-pixel term already counts
+        a block's mean error once among its detail; this term weighs the local colour
+        more, which the detail otherwise drowns out (0, the default, disables it).
     - `kl_weight`: weight of the KL divergence to the standard normal.
     - `learn_logvar`: learn the scalar log-variance that divides the reconstruction term
         (`nll = rec / exp(logvar) + logvar`); otherwise it stays at `logvar_init`.
@@ -49,6 +54,8 @@ class TrainConfig:
 
     reconstruction: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = 0.0
+    colour_weight: float = 0.0
+    colour_block: int = 8
     kl_weight: float = 1e-6
     learn_logvar: bool = True
     logvar_init: float = 0.0
@@ -85,9 +92,17 @@ class TrainConfig:
                 "Need `warmup_steps >= 0` and `decay_steps` (when set) after it, got "
                 f"{self.warmup_steps} and {self.decay_steps}."
             )
+        if self.colour_block < 1:
+            raise ValueError(f"`colour_block` must be at least 1, got {self.colour_block}.")
         if self.loss_area is not None and self.loss_area < 1:
             raise ValueError(f"`loss_area` must be a positive pixel count, got {self.loss_area}.")
-        for name in ("perceptual_weight", "kl_weight", "disc_weight", "learning_rate"):
+        for name in (
+            "perceptual_weight",
+            "colour_weight",
+            "kl_weight",
+            "disc_weight",
+            "learning_rate",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must not be negative, got {getattr(self, name)}.")
 
