@@ -5,15 +5,18 @@ scikit-image (as they are and with their colour channels permuted) and dead-leav
 images (`eqx_vae.train.DeadLeaves`) coloured from those photographs and from saturated
 colours: 5,000 steps of L1, then 1,000 steps of L2 with more dead leaves and saturated
 colours, and photograph crops dimmed and shifted in colour (`--tune-steps`,
-`--tune-contrast`, `--tune-colour-shift`). It reports PSNR, SSIM and the mean colour
-error on two held-out sets, next to bicubic down- and up-sampling that keeps as many
-values as the latent: two scikit-image photographs kept out of training, and the sample
-photographs of scikit-learn and Matplotlib.
+`--tune-contrast`, `--tune-colour-shift`), then 300 steps of the decoder alone on
+crops twice the side, with the error of 8-pixel block means weighed more
+(`--final-steps`, `--final-crop-size`, `--final-colour-weight`). It reports PSNR, SSIM
+and the mean colour error on two held-out sets, next to bicubic down- and up-sampling
+that keeps as many values as the latent: two scikit-image photographs kept out of
+training, and the sample photographs of scikit-learn and Matplotlib.
 
     pip install -e ".[train]"
     python examples/train_builtin.py --out runs/builtin            # the shipped model
-    python examples/train_builtin.py --out runs/smoke --steps 20 --tune-steps 20
+    python examples/train_builtin.py --out runs/smoke --steps 20 --tune-steps 20 --final-steps 20
     python examples/train_builtin.py --out runs/sizes --crop-size 64 128 --batch-size 8 2
+    python examples/train_builtin.py --out runs/final --start WEIGHTS  # third stage only
 
 `--install` writes the EMA weights (float16) to `eqx_vae/pretrained/photos_f4.eqx`;
 `--evaluate WEIGHTS` reports saved weights on the held-out sets, a colour chart and flat
@@ -213,14 +216,19 @@ def colour_checks(model: eqx_vae.AutoencoderKL) -> dict:
     return checks
 
 
+def load_float32(path: str) -> eqx_vae.AutoencoderKL:
+    """Saved weights (the built-in model is stored in float16) in float32."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        eqx_vae.load(path),
+    )
+
+
 def evaluate_weights(path: str, tiles: int | None = None) -> None:
     """`--evaluate`: the held-out sets and colour checks of saved weights, and with
     `tiles` each held-out photograph's colour error in tiles of that size
     (`tiled_colour_error`)."""
-    model = jax.tree_util.tree_map(
-        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        eqx_vae.load(path),
-    )
+    model = load_float32(path)
     photos = held_out(model.spatial_factor)
     results = {group: evaluate(model, images) for group, images in photos.items()}
     if tiles is not None:
@@ -347,6 +355,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "this much (`ImageFolder(colour_shift=...)`; default 0.2)",
     )
     parser.add_argument(
+        "--final-steps",
+        type=int,
+        default=300,
+        help="third stage: the decoder alone on larger crops (0 to skip)",
+    )
+    parser.add_argument("--final-learning-rate", type=float, default=5e-5)
+    parser.add_argument(
+        "--final-colour-weight",
+        type=float,
+        default=30.0,
+        help="third stage: weight of the error of 8-pixel block means, added to the "
+        "per-pixel error (`TrainConfig(colour_weight=...)`; default 30, 0 disables it)",
+    )
+    parser.add_argument(
+        "--final-crop-size",
+        type=int,
+        nargs="+",
+        default=[128],
+        metavar="SIZE",
+        help="crop size of the third stage (default 128); several sizes alternate",
+    )
+    parser.add_argument(
+        "--final-batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="BATCH",
+        help="batch size of the third stage, one per --final-crop-size (default 4)",
+    )
+    parser.add_argument(
+        "--start",
+        metavar="WEIGHTS",
+        help="skip the first two stages: run the third from these saved weights (an "
+        "eqx_vae checkpoint, such as a run's photos_f4.eqx)",
+    )
+    parser.add_argument(
         "--per-pixel-loss",
         action="store_true",
         help="with several crop sizes, weigh every pixel alike: each batch's loss times "
@@ -380,22 +424,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tune_batch_size = args.tune_batch_size or [8] * len(args.tune_crop_size)
     if len(args.tune_batch_size) != len(args.tune_crop_size):
         parser.error("--tune-batch-size needs one batch size per --tune-crop-size")
+    args.final_batch_size = args.final_batch_size or [4] * len(args.final_crop_size)
+    if len(args.final_batch_size) != len(args.final_crop_size):
+        parser.error("--final-batch-size needs one batch size per --final-crop-size")
+    if args.start is not None and args.final_steps < 1:
+        parser.error("--start runs the third stage alone and needs --final-steps above 0")
     return args
 
 
 def stage_data(args: argparse.Namespace, folder: pathlib.Path, stage: int) -> train.Samples:
-    """The training data of the first or second stage (`parse_args`' options), from
-    the photographs `export_photos` wrote to `folder`: for each crop size a mixture of
-    photograph crops (at scales 0.5 to 1, which show more of each photograph than plain
-    crops; in the second stage dimmed by `--tune-contrast` and shifted by
-    `--tune-colour-shift`), the same with permuted channels, and dead leaves; several
-    sizes alternate, a batch of each in turn (`train.Alternating`)."""
+    """The training data of the first, second or third stage (`parse_args`' options),
+    from the photographs `export_photos` wrote to `folder`: for each crop size a mixture
+    of photograph crops (at scales 0.5 to 1, which show more of each photograph than
+    plain crops; in the second and third stages dimmed by `--tune-contrast` and shifted
+    by `--tune-colour-shift`), the same with permuted channels, and dead leaves; several
+    sizes alternate, a batch of each in turn (`train.Alternating`). The third stage is
+    the second's data (the same streams and seeds) at `--final-crop-size`."""
     contrast = None if args.contrast is None else tuple(args.contrast)
     if stage == 1:
         sizes = zip(args.crop_size, args.batch_size, strict=True)
         mix, shares, scale, augment = args.mix, (0.5, 0.25, 0.25), (0.5, 1.0), {}
     else:
-        sizes = zip(args.tune_crop_size, args.tune_batch_size, strict=True)
+        if stage == 2:
+            sizes = zip(args.tune_crop_size, args.tune_batch_size, strict=True)
+        else:
+            sizes = zip(args.final_crop_size, args.final_batch_size, strict=True)
+            stage = 2
         mix, shares, scale = args.tune_mix, (0.25, 0.25, 0.5), tuple(args.tune_scale)
         augment = {"contrast": tuple(args.tune_contrast), "colour_shift": args.tune_colour_shift}
     colours = palette(shares, seed=args.seed + stage - 1)
@@ -447,10 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         ema_decay=0.999,
         loss_area=args.crop_size[0] ** 2 if args.per_pixel_loss else None,
     )
-    vae = eqx_vae.AutoencoderKL(builtin_config(), key=jax.random.key(args.seed))
-    optimizers = train.make_optimizers(config)
-    state = train.init_state(vae, config, optimizers, key=jax.random.key(args.seed + 1))
-    evaluation = held_out(vae.spatial_factor)
+    evaluation = held_out(builtin_config().spatial_factor)
     # Sample grids: a 128-pixel centre crop of each held-out photograph.
     samples = np.stack(
         [
@@ -460,55 +511,101 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     begun = time.perf_counter()
-    state = train.fit(
-        state,
-        config,
-        data,
-        optimizers,
-        steps=args.steps,
-        out=out,
-        key=jax.random.key(args.seed + 2),
-        samples=samples,
-    )
-    assert state.ema is not None
-    first = {group: evaluate(state.ema, images) for group, images in evaluation.items()}
+    first = None
+    if args.start is None:
+        vae = eqx_vae.AutoencoderKL(builtin_config(), key=jax.random.key(args.seed))
+        optimizers = train.make_optimizers(config)
+        state = train.init_state(vae, config, optimizers, key=jax.random.key(args.seed + 1))
+        state = train.fit(
+            state,
+            config,
+            data,
+            optimizers,
+            steps=args.steps,
+            out=out,
+            key=jax.random.key(args.seed + 2),
+            samples=samples,
+        )
+        assert state.ema is not None
+        first = {group: evaluate(state.ema, images) for group, images in evaluation.items()}
 
-    # Second stage: from the first stage's EMA weights and log-variance, L2 rather than
-    # L1 (as sd-vae-ft-mse was fine-tuned) on a mix with more dead leaves and more
-    # saturated colours. L1 weighs every error alike, so a rare colour that comes back
-    # wrong (a saturated green as black) costs no more than a slightly soft edge; L2
-    # weighs the large errors of rare colours more. The photograph crops are dimmed and
-    # shifted in colour: without that, dim and low-contrast photographs came back with
-    # a colour cast (Grace Hopper's green 0.076 low).
-    if args.tune_steps > 0:
-        tune_config = dataclasses.replace(
+        # Second stage: from the first stage's EMA weights and log-variance, L2 rather
+        # than L1 (as sd-vae-ft-mse was fine-tuned) on a mix with more dead leaves and
+        # more saturated colours. L1 weighs every error alike, so a rare colour that
+        # comes back wrong (a saturated green as black) costs no more than a slightly
+        # soft edge; L2 weighs the large errors of rare colours more. The photograph
+        # crops are dimmed and shifted in colour: without that, dim and low-contrast
+        # photographs came back with a colour cast (Grace Hopper's green 0.076 low).
+        if args.tune_steps > 0:
+            tune_config = dataclasses.replace(
+                config,
+                reconstruction="l2",
+                learning_rate=args.tune_learning_rate,
+                warmup_steps=min(50, args.tune_steps // 2),
+                decay_steps=args.tune_steps,
+                logvar_init=float(state.logvar),
+                loss_area=args.tune_crop_size[0] ** 2 if args.per_pixel_loss else None,
+            )
+            tune_data = stage_data(args, out / "data", stage=2)
+            tune_optimizers = train.make_optimizers(tune_config)
+            state = train.init_state(
+                state.ema, tune_config, tune_optimizers, key=jax.random.key(args.seed + 1)
+            )
+            state = train.fit(
+                state,
+                tune_config,
+                tune_data,
+                tune_optimizers,
+                steps=args.tune_steps,
+                out=out / "tune",
+                key=jax.random.key(args.seed + 3),
+                samples=samples,
+            )
+        assert state.ema is not None
+        model = state.ema
+    else:
+        model = load_float32(args.start)
+
+    # Third stage: the decoder alone (the encoder, and with it the latent space, stays
+    # as it is) on the second stage's data in larger crops, L2 at a low rate. The
+    # 64-pixel crops of the first two stages teach a model whose colour depends on the
+    # size of what it reconstructs (GroupNorm's statistics, and the convolutions' zero
+    # padding near every pixel of a small crop): whole photographs came back with a
+    # cast that 64-pixel tiles of them did not (Grace Hopper's green 0.052 low; 0.032
+    # after this stage), with the error of 8-pixel block means weighed
+    # `--final-colour-weight` times more (30).
+    if args.final_steps > 0:
+        final_config = dataclasses.replace(
             config,
             reconstruction="l2",
-            learning_rate=args.tune_learning_rate,
-            warmup_steps=min(50, args.tune_steps // 2),
-            decay_steps=args.tune_steps,
-            logvar_init=float(state.logvar),
-            loss_area=args.tune_crop_size[0] ** 2 if args.per_pixel_loss else None,
+            learning_rate=args.final_learning_rate,
+            warmup_steps=min(20, args.final_steps // 2),
+            decay_steps=args.final_steps,
+            decoder_only=True,
+            ema_decay=0.99,
+            loss_area=None,
+            colour_weight=args.final_colour_weight,
+            colour_block=8,
         )
-        tune_data = stage_data(args, out / "data", stage=2)
-        tune_optimizers = train.make_optimizers(tune_config)
+        final_data = stage_data(args, out / "data", stage=3)
+        final_optimizers = train.make_optimizers(final_config)
         state = train.init_state(
-            state.ema, tune_config, tune_optimizers, key=jax.random.key(args.seed + 1)
+            model, final_config, final_optimizers, key=jax.random.key(args.seed + 1)
         )
         state = train.fit(
             state,
-            tune_config,
-            tune_data,
-            tune_optimizers,
-            steps=args.tune_steps,
-            out=out / "tune",
-            key=jax.random.key(args.seed + 3),
+            final_config,
+            final_data,
+            final_optimizers,
+            steps=args.final_steps,
+            out=out / "final",
+            key=jax.random.key(args.seed + 5),
             samples=samples,
         )
+        assert state.ema is not None
+        model = state.ema
     seconds = time.perf_counter() - begun
 
-    assert state.ema is not None
-    model = state.ema
     scaled = dataclasses.replace(model.config, scaling_factor=latent_scaling(model, data))
     model = with_config(model, scaled)
     results = {group: evaluate(model, images) for group, images in evaluation.items()}
@@ -526,6 +623,12 @@ def main(argv: list[str] | None = None) -> None:
         "contrast": args.contrast,
         "tune_contrast": list(args.tune_contrast),
         "tune_colour_shift": args.tune_colour_shift,
+        "start": args.start,
+        "final_steps": args.final_steps,
+        "final_learning_rate": args.final_learning_rate,
+        "final_colour_weight": args.final_colour_weight,
+        "final_crop_size": args.final_crop_size,
+        "final_batch_size": args.final_batch_size,
         "train_seconds_this_run": seconds,
         "parameters": sum(
             x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
@@ -533,10 +636,11 @@ def main(argv: list[str] | None = None) -> None:
         "scaling_factor": scaled.scaling_factor,
         "held_out": results,
         "means": {group: summarise(r) for group, r in results.items()},
-        "held_out_after_first_stage": first,
-        "means_after_first_stage": {group: summarise(r) for group, r in first.items()},
         "colours": colour_checks(model),
     }
+    if first is not None:
+        summary["held_out_after_first_stage"] = first
+        summary["means_after_first_stage"] = {group: summarise(r) for group, r in first.items()}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     half = jax.tree_util.tree_map(lambda x: x.astype(jnp.float16), model)

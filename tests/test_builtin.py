@@ -104,6 +104,83 @@ def test_train_builtin_alternates_crop_sizes_in_both_stages(tmp_path, capsys):
     assert "--tiles needs --evaluate" in capsys.readouterr().err
 
 
+def test_train_builtin_third_stage_trains_the_decoder_alone(tmp_path, capsys, getkey):
+    """`train_builtin.py --start WEIGHTS`: the third stage alone, from saved weights,
+    on the second stage's data in larger crops (128-pixel crops in batches of 4 by
+    default), with the error of 8-pixel block means weighed more. Only the decoder and
+    `post_quant_conv` change, so the latent space stays the starting weights'; the
+    run writes its evaluation and float16 weights."""
+    require("skimage")
+    require("PIL.Image")
+    require("sklearn")
+    require("matplotlib")
+    import json
+
+    from eqx_vae import train
+
+    train_builtin = import_train_builtin()
+    default = train_builtin.parse_args([])
+    assert (default.final_steps, default.final_crop_size, default.final_batch_size) == (
+        300,
+        [128],
+        [4],
+    )
+    assert default.final_colour_weight == 30.0
+    args = train_builtin.parse_args(
+        ["--final-crop-size", "16", "24", "--final-batch-size", "2", "1"]
+    )
+    train_builtin.export_photos(tmp_path / "data")
+    data = train_builtin.stage_data(args, tmp_path / "data", 3)
+    position, shapes = train.DataPosition(), []
+    for _ in range(2):
+        batch, position = data.batch(position)
+        shapes.append(batch.shape)
+    assert shapes == [(2, 3, 16, 16), (1, 3, 24, 24)]
+    # The second stage's streams and seeds at the third stage's sizes.
+    same = train_builtin.parse_args(["--final-crop-size", "16", "--tune-crop-size", "16"])
+    third = train_builtin.stage_data(same, tmp_path / "data", 3).batch(train.DataPosition())[0]
+    second = train_builtin.stage_data(same, tmp_path / "data", 2).batch(train.DataPosition())[0]
+    np.testing.assert_array_equal(third[:4], second[:4])
+    for bad, message in [
+        (["--final-crop-size", "16", "24", "--final-batch-size", "2"], "per --final-crop-size"),
+        (["--start", "w.eqx", "--final-steps", "0"], "needs --final-steps above 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            train_builtin.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+    start = eqx_vae.AutoencoderKL(small_config(), key=getkey())
+    eqx_vae.save(tmp_path / "start.eqx", start)
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--start", str(tmp_path / "start.eqx"), "--final-steps", "3"]
+    sizes = ["--final-crop-size", "16", "--final-batch-size", "2"]
+    # A high rate, so that every decoder weight moves by more than float16's spacing.
+    train_builtin.main([*argv, *sizes, "--final-learning-rate", "1e-2"])
+    capsys.readouterr()
+    record = json.loads((out / "eval.json").read_text())
+    assert record["start"] == str(tmp_path / "start.eqx") and record["final_steps"] == 3
+    assert record["final_colour_weight"] == 30.0
+    assert "held_out_after_first_stage" not in record
+    trained = eqx_vae.load(out / "photos_f4.eqx")
+    assert trained.encoder.conv_in.weight.dtype == jnp.float16
+
+    def leaves(module):
+        return jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_inexact_array))
+
+    for before, after in zip(
+        leaves((start.encoder, start.quant_conv)),
+        leaves((trained.encoder, trained.quant_conv)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(before, np.float16), after)
+    changed = [
+        not np.array_equal(np.asarray(before, np.float16), after)
+        for before, after in zip(leaves(start.decoder), leaves(trained.decoder), strict=True)
+    ]
+    assert all(changed), changed
+    assert (out / "final" / "checkpoint.eqx").exists()
+
+
 def test_readme_reports_the_evaluation_of_the_shipped_model():
     """README's table of held-out photographs is `runs/builtin/eval.json`, which
     `examples/train_builtin.py` wrote for the shipped weights."""
