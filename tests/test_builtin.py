@@ -19,8 +19,8 @@ INSET = 6
 
 def test_builtin_model_reconstructs_a_colour_chart():
     """Every patch's mean colour, away from its edges, comes back within 0.08 per
-    channel on the [-1, 1] scale, and most within 0.05 (the shipped weights: 17 of
-    20; magenta 0.070, yellow 0.063 and light grey 0.053 are the exceptions)."""
+    channel on the [-1, 1] scale, and most within 0.05 (the shipped weights: 18 of
+    20; magenta 0.063 and yellow 0.071 are the exceptions)."""
     model = eqx_vae.load_builtin()
     chart = eqx_vae.metrics.colour_chart(PATCH)
     recon = np.asarray(
@@ -30,7 +30,7 @@ def test_builtin_model_reconstructs_a_colour_chart():
     worst = {name: float(np.abs(e).max()) for name, e in errors.items()}
     report = {k: round(v, 3) for k, v in worst.items()}
     assert max(worst.values()) < 0.08, report
-    assert sum(v < 0.05 for v in worst.values()) >= 17, report
+    assert sum(v < 0.05 for v in worst.values()) >= 18, report
 
 
 def import_train_builtin():
@@ -215,8 +215,8 @@ def test_train_builtin_evaluate_reports_the_shipped_weights(capsys):
     """`examples/train_builtin.py --evaluate` on the shipped (float16) weights gives the
     held-out figures of `runs/builtin/eval.json` (written from the float32 weights)
     within 0.05 dB, the colour chart of the test above, and README's figures for flat
-    images: a flat mid-grey comes back magenta, green 0.25 low and blue 0.12 high, and
-    six of the twenty colours come back within 0.05."""
+    images: a flat mid-grey comes back magenta, green 0.24 low and blue 0.11 high, and
+    seven of the twenty colours come back within 0.05."""
     import json
 
     root = pathlib.Path(__file__).parent.parent
@@ -230,6 +230,7 @@ def test_train_builtin_evaluate_reports_the_shipped_weights(capsys):
     colours = report["colours"]
     assert colours["chart_largest_error"] < 0.08
     grey = colours["flat"]["grey"]
-    assert abs(grey[1] + 0.25) < 0.01 and abs(grey[2] - 0.12) < 0.01, grey
+    assert abs(grey[1] + 0.24) < 0.01 and abs(grey[2] - 0.11) < 0.01, grey
     good = [n for n, e in colours["flat"].items() if max(abs(v) for v in e) < 0.05]
-    assert good == ["black", "dark grey", "light grey", "dark skin", "deep skin", "orange"], good
+    expected = ["black", "dark grey", "light grey", "dark skin", "light skin", "deep skin"]
+    assert good == [*expected, "orange"], good
