@@ -104,18 +104,14 @@ def test_train_builtin_alternates_crop_sizes_in_both_stages(tmp_path, capsys):
     assert "--tiles needs --evaluate" in capsys.readouterr().err
 
 
-def test_train_builtin_third_stage_trains_the_decoder_alone(tmp_path, capsys, getkey):
-    """`train_builtin.py --start WEIGHTS`: the third stage alone, from saved weights,
-    on the second stage's data in larger crops (128-pixel crops in batches of 4 by
-    default), with the error of 8-pixel block means weighed more. Only the decoder and
-    `post_quant_conv` change, so the latent space stays the starting weights'; the
-    run writes its evaluation and float16 weights."""
+def test_train_builtin_third_stage_options_and_data(tmp_path, capsys):
+    """The third stage's options (128-pixel crops in batches of 4 by default, the error
+    of 8-pixel block means weighed 30 times more) and data: the second stage's streams
+    and seeds at `--final-crop-size`."""
     require("skimage")
     require("PIL.Image")
     require("sklearn")
     require("matplotlib")
-    import json
-
     from eqx_vae import train
 
     train_builtin = import_train_builtin()
@@ -149,7 +145,24 @@ def test_train_builtin_third_stage_trains_the_decoder_alone(tmp_path, capsys, ge
             train_builtin.parse_args(bad)
         assert message in capsys.readouterr().err
 
-    start = eqx_vae.AutoencoderKL(small_config(), key=getkey())
+
+@pytest.mark.slow
+def test_train_builtin_third_stage_trains_the_decoder_alone(tmp_path, capsys, getkey):
+    """`train_builtin.py --start WEIGHTS`: the third stage alone, from saved weights.
+    Only the decoder and `post_quant_conv` change, so the latent space stays the
+    starting weights'; the run writes its evaluation and float16 weights."""
+    require("skimage")
+    require("PIL.Image")
+    require("sklearn")
+    require("matplotlib")
+    import json
+
+    train_builtin = import_train_builtin()
+    # The built-in model's spatial factor (the held-out photographs are cropped to it),
+    # without the mid-block attention: the run evaluates whole photographs, and attention
+    # over their latents costs the square of the latent's pixel count.
+    config = small_config(block_out_channels=(8, 16, 16), mid_block_add_attention=False)
+    start = eqx_vae.AutoencoderKL(config, key=getkey())
     eqx_vae.save(tmp_path / "start.eqx", start)
     out = tmp_path / "run"
     argv = ["--out", str(out), "--start", str(tmp_path / "start.eqx"), "--final-steps", "3"]
