@@ -445,11 +445,13 @@ def stage_data(args: argparse.Namespace, folder: pathlib.Path, stage: int) -> tr
         sizes = zip(args.crop_size, args.batch_size, strict=True)
         mix, shares, scale, augment = args.mix, (0.5, 0.25, 0.25), (0.5, 1.0), {}
     else:
-        if stage == 2:
-            sizes = zip(args.tune_crop_size, args.tune_batch_size, strict=True)
-        else:
-            sizes = zip(args.final_crop_size, args.final_batch_size, strict=True)
-            stage = 2
+        crops, batches = (
+            (args.tune_crop_size, args.tune_batch_size)
+            if stage == 2
+            else (args.final_crop_size, args.final_batch_size)
+        )
+        sizes = zip(crops, batches, strict=True)
+        stage = 2  # the third stage draws the second's streams, with its seeds
         mix, shares, scale = args.tune_mix, (0.25, 0.25, 0.5), tuple(args.tune_scale)
         augment = {"contrast": tuple(args.tune_contrast), "colour_shift": args.tune_colour_shift}
     colours = palette(shares, seed=args.seed + stage - 1)
@@ -479,6 +481,33 @@ def stage_data(args: argparse.Namespace, folder: pathlib.Path, stage: int) -> tr
             train.Mixture([*photos, leaves], mix, batch_size=batch, seed=seed + 1 + 2 * stage)
         )
     return streams[0] if len(streams) == 1 else train.Alternating(streams)
+
+
+def run_stage(
+    model: eqx_vae.AutoencoderKL,
+    config: train.TrainConfig,
+    data: train.Samples,
+    *,
+    steps: int,
+    out: pathlib.Path,
+    seed: int,
+    fit_seed: int,
+    samples: np.ndarray,
+) -> train.TrainState:
+    """One stage: fresh optimisers and state for `model` (`seed`), then `fit` (`fit_seed`),
+    with its checkpoints and sample grids in `out`."""
+    optimizers = train.make_optimizers(config)
+    state = train.init_state(model, config, optimizers, key=jax.random.key(seed))
+    return train.fit(
+        state,
+        config,
+        data,
+        optimizers,
+        steps=steps,
+        out=out,
+        key=jax.random.key(fit_seed),
+        samples=samples,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -514,16 +543,14 @@ def main(argv: list[str] | None = None) -> None:
     first = None
     if args.start is None:
         vae = eqx_vae.AutoencoderKL(builtin_config(), key=jax.random.key(args.seed))
-        optimizers = train.make_optimizers(config)
-        state = train.init_state(vae, config, optimizers, key=jax.random.key(args.seed + 1))
-        state = train.fit(
-            state,
+        state = run_stage(
+            vae,
             config,
             data,
-            optimizers,
             steps=args.steps,
             out=out,
-            key=jax.random.key(args.seed + 2),
+            seed=args.seed + 1,
+            fit_seed=args.seed + 2,
             samples=samples,
         )
         assert state.ema is not None
@@ -546,19 +573,14 @@ def main(argv: list[str] | None = None) -> None:
                 logvar_init=float(state.logvar),
                 loss_area=args.tune_crop_size[0] ** 2 if args.per_pixel_loss else None,
             )
-            tune_data = stage_data(args, out / "data", stage=2)
-            tune_optimizers = train.make_optimizers(tune_config)
-            state = train.init_state(
-                state.ema, tune_config, tune_optimizers, key=jax.random.key(args.seed + 1)
-            )
-            state = train.fit(
-                state,
+            state = run_stage(
+                state.ema,
                 tune_config,
-                tune_data,
-                tune_optimizers,
+                stage_data(args, out / "data", stage=2),
                 steps=args.tune_steps,
                 out=out / "tune",
-                key=jax.random.key(args.seed + 3),
+                seed=args.seed + 1,
+                fit_seed=args.seed + 3,
                 samples=samples,
             )
         assert state.ema is not None
@@ -587,19 +609,14 @@ def main(argv: list[str] | None = None) -> None:
             colour_weight=args.final_colour_weight,
             colour_block=8,
         )
-        final_data = stage_data(args, out / "data", stage=3)
-        final_optimizers = train.make_optimizers(final_config)
-        state = train.init_state(
-            model, final_config, final_optimizers, key=jax.random.key(args.seed + 1)
-        )
-        state = train.fit(
-            state,
+        state = run_stage(
+            model,
             final_config,
-            final_data,
-            final_optimizers,
+            stage_data(args, out / "data", stage=3),
             steps=args.final_steps,
             out=out / "final",
-            key=jax.random.key(args.seed + 5),
+            seed=args.seed + 1,
+            fit_seed=args.seed + 5,
             samples=samples,
         )
         assert state.ema is not None
