@@ -385,6 +385,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch size of the third stage, one per --final-crop-size (default 4)",
     )
     parser.add_argument(
+        "--final-encoder",
+        action="store_true",
+        help="third stage: train the encoder too (by default the decoder alone, and the "
+        "latent space stays as the second stage left it)",
+    )
+    parser.add_argument(
         "--start",
         metavar="WEIGHTS",
         help="skip the first two stages: run the third from these saved weights (an "
@@ -481,6 +487,24 @@ def stage_data(args: argparse.Namespace, folder: pathlib.Path, stage: int) -> tr
             train.Mixture([*photos, leaves], mix, batch_size=batch, seed=seed + 1 + 2 * stage)
         )
     return streams[0] if len(streams) == 1 else train.Alternating(streams)
+
+
+def third_stage_config(config: train.TrainConfig, args: argparse.Namespace) -> train.TrainConfig:
+    """The third stage's `TrainConfig`, from the first stage's `config`: L2 at
+    `--final-learning-rate`, the decoder alone (unless `--final-encoder`), a faster EMA,
+    and the error of 8-pixel block means weighed `--final-colour-weight` times more."""
+    return dataclasses.replace(
+        config,
+        reconstruction="l2",
+        learning_rate=args.final_learning_rate,
+        warmup_steps=min(20, args.final_steps // 2),
+        decay_steps=args.final_steps,
+        decoder_only=not args.final_encoder,
+        ema_decay=0.99,
+        loss_area=None,
+        colour_weight=args.final_colour_weight,
+        colour_block=8,
+    )
 
 
 def run_stage(
@@ -597,18 +621,7 @@ def main(argv: list[str] | None = None) -> None:
     # after this stage), with the error of 8-pixel block means weighed
     # `--final-colour-weight` times more (30).
     if args.final_steps > 0:
-        final_config = dataclasses.replace(
-            config,
-            reconstruction="l2",
-            learning_rate=args.final_learning_rate,
-            warmup_steps=min(20, args.final_steps // 2),
-            decay_steps=args.final_steps,
-            decoder_only=True,
-            ema_decay=0.99,
-            loss_area=None,
-            colour_weight=args.final_colour_weight,
-            colour_block=8,
-        )
+        final_config = third_stage_config(config, args)
         state = run_stage(
             model,
             final_config,
@@ -646,6 +659,7 @@ def main(argv: list[str] | None = None) -> None:
         "final_colour_weight": args.final_colour_weight,
         "final_crop_size": args.final_crop_size,
         "final_batch_size": args.final_batch_size,
+        "final_encoder": args.final_encoder,
         "train_seconds_this_run": seconds,
         "parameters": sum(
             x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))

@@ -121,7 +121,13 @@ def test_train_builtin_third_stage_options_and_data(tmp_path, capsys):
         [128],
         [4],
     )
-    assert default.final_colour_weight == 30.0
+    assert default.final_colour_weight == 30.0 and not default.final_encoder
+    base = train.TrainConfig(reconstruction="l1", learning_rate=2e-3, ema_decay=0.999)
+    third = train_builtin.third_stage_config(base, default)
+    assert third.decoder_only and (third.reconstruction, third.learning_rate) == ("l2", 5e-5)
+    assert (third.colour_weight, third.ema_decay, third.decay_steps) == (30.0, 0.99, 300)
+    both = train_builtin.parse_args(["--final-encoder"])
+    assert not train_builtin.third_stage_config(base, both).decoder_only
     args = train_builtin.parse_args(
         ["--final-crop-size", "16", "24", "--final-batch-size", "2", "1"]
     )
@@ -172,7 +178,7 @@ def test_train_builtin_third_stage_trains_the_decoder_alone(tmp_path, capsys, ge
     capsys.readouterr()
     record = json.loads((out / "eval.json").read_text())
     assert record["start"] == str(tmp_path / "start.eqx") and record["final_steps"] == 3
-    assert record["final_colour_weight"] == 30.0
+    assert record["final_colour_weight"] == 30.0 and record["final_encoder"] is False
     assert "held_out_after_first_stage" not in record
     trained = eqx_vae.load(out / "photos_f4.eqx")
     assert trained.encoder.conv_in.weight.dtype == jnp.float16
