@@ -621,10 +621,9 @@ def main(argv: list[str] | None = None) -> None:
     # after this stage), with the error of 8-pixel block means weighed
     # `--final-colour-weight` times more (30).
     if args.final_steps > 0:
-        final_config = third_stage_config(config, args)
         state = run_stage(
             model,
-            final_config,
+            third_stage_config(config, args),
             stage_data(args, out / "data", stage=3),
             steps=args.final_steps,
             out=out / "final",
