@@ -86,7 +86,14 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     state, position = _start(state, out, resume)
     step_fn = make_train_step(config, optimizers, lpips)
-    compiled = eqx.filter_jit(step_fn, donate="all", compiler_options=compiler_options())  # pyright: ignore[reportCallIssue]
+
+    def step_on(inputs, state):
+        return step_fn(state, *inputs)
+
+    # Only the state is donated: the batch and key cannot be reused as outputs, so
+    # donating them would only raise JAX's "donated buffers were not usable" warning.
+    options = compiler_options()
+    compiled = eqx.filter_jit(step_on, donate="all-except-first", compiler_options=options)  # pyright: ignore[reportCallIssue]
     batch_sharding = None
     if mesh is not None:
         batch_sharding = NamedSharding(mesh, P("batch"))
@@ -104,7 +111,7 @@ def fit(
                 if batch_sharding is None
                 else jax.device_put(images, batch_sharding)
             )
-            state, metrics = compiled(state, batch, jax.random.fold_in(key, step))
+            state, metrics = compiled((batch, jax.random.fold_in(key, step)), state)
             values = {k: float(v) for k, v in metrics.items()}
             done = step + 1
             if bar is not None:
