@@ -391,6 +391,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "latent space stays as the second stage left it)",
     )
     parser.add_argument(
+        "--norm-groups",
+        type=int,
+        default=builtin_config().norm_num_groups,
+        metavar="N",
+        help="GroupNorm groups of the model trained from random weights (default: "
+        "builtin_config()'s, 8; 4 was tried, README gives its figures)",
+    )
+    parser.add_argument(
         "--start",
         metavar="WEIGHTS",
         help="skip the first two stages: run the third from these saved weights (an "
@@ -435,6 +443,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--final-batch-size needs one batch size per --final-crop-size")
     if args.start is not None and args.final_steps < 1:
         parser.error("--start runs the third stage alone and needs --final-steps above 0")
+    widths = builtin_config().block_out_channels
+    if args.norm_groups < 1 or any(width % args.norm_groups for width in widths):
+        parser.error(f"--norm-groups must divide every level's width {widths}")
+    if args.start is not None and args.norm_groups != builtin_config().norm_num_groups:
+        parser.error(
+            "--norm-groups sets the architecture of a model trained from random "
+            "weights; --start takes the weights' own"
+        )
     return args
 
 
@@ -566,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     begun = time.perf_counter()
     first = None
     if args.start is None:
-        vae = eqx_vae.AutoencoderKL(builtin_config(), key=jax.random.key(args.seed))
+        architecture = dataclasses.replace(builtin_config(), norm_num_groups=args.norm_groups)
+        vae = eqx_vae.AutoencoderKL(architecture, key=jax.random.key(args.seed))
         state = run_stage(
             vae,
             config,
@@ -653,6 +670,7 @@ def main(argv: list[str] | None = None) -> None:
         "tune_contrast": list(args.tune_contrast),
         "tune_colour_shift": args.tune_colour_shift,
         "start": args.start,
+        "norm_num_groups": model.config.norm_num_groups,
         "final_steps": args.final_steps,
         "final_learning_rate": args.final_learning_rate,
         "final_colour_weight": args.final_colour_weight,
