@@ -443,14 +443,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--final-batch-size needs one batch size per --final-crop-size")
     if args.start is not None and args.final_steps < 1:
         parser.error("--start runs the third stage alone and needs --final-steps above 0")
-    widths = builtin_config().block_out_channels
-    if args.norm_groups < 1 or any(width % args.norm_groups for width in widths):
-        parser.error(f"--norm-groups must divide every level's width {widths}")
     if args.start is not None and args.norm_groups != builtin_config().norm_num_groups:
         parser.error(
             "--norm-groups sets the architecture of a model trained from random "
             "weights; --start takes the weights' own"
         )
+    try:
+        args.architecture = dataclasses.replace(builtin_config(), norm_num_groups=args.norm_groups)
+    except ValueError as e:
+        parser.error(f"--norm-groups: {e}")
     return args
 
 
@@ -582,8 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     begun = time.perf_counter()
     first = None
     if args.start is None:
-        architecture = dataclasses.replace(builtin_config(), norm_num_groups=args.norm_groups)
-        vae = eqx_vae.AutoencoderKL(architecture, key=jax.random.key(args.seed))
+        vae = eqx_vae.AutoencoderKL(args.architecture, key=jax.random.key(args.seed))
         state = run_stage(
             vae,
             config,

@@ -1,5 +1,6 @@
 """The built-in model: its colours and the figures README gives for it."""
 
+import dataclasses
 import pathlib
 import sys
 
@@ -126,6 +127,9 @@ def test_train_builtin_third_stage_options_and_data(tmp_path, capsys):
         default.norm_groups == 8
         and train_builtin.parse_args(["--norm-groups", "4"]).norm_groups == 4
     )
+    assert train_builtin.parse_args(["--norm-groups", "4"]).architecture == dataclasses.replace(
+        eqx_vae.builtin_config(), norm_num_groups=4
+    )
     base = train.TrainConfig(reconstruction="l1", learning_rate=2e-3, ema_decay=0.999)
     third = train_builtin.third_stage_config(base, default)
     assert third.decoder_only and (third.reconstruction, third.learning_rate) == ("l2", 5e-5)
@@ -150,7 +154,8 @@ def test_train_builtin_third_stage_options_and_data(tmp_path, capsys):
     for bad, message in [
         (["--final-crop-size", "16", "24", "--final-batch-size", "2"], "per --final-crop-size"),
         (["--start", "w.eqx", "--final-steps", "0"], "needs --final-steps above 0"),
-        (["--norm-groups", "3"], "must divide every level's width"),
+        (["--norm-groups", "3"], "`norm_num_groups=3` does not divide"),
+        (["--norm-groups", "0"], "`norm_num_groups` must be a positive"),
         (["--start", "w.eqx", "--norm-groups", "4"], "--start takes the weights' own"),
     ]:
         with pytest.raises(SystemExit):
