@@ -148,12 +148,14 @@ def launch(
                 command += [f"--worker={i}", f"--coordinator={coordinator}", f"--result={result}"]
                 command += [f"--launcher={os.getpid()}"]
                 # Each worker leads a process group of its own, so that it and
-                # anything it starts can be ended together.
-                procs.append(
-                    subprocess.Popen(
-                        command, stdout=out, stderr=err, env=worker_env, start_new_session=True
+                # anything it starts can be ended together. An interrupt while the
+                # worker starts waits until it is on the list that `end_all` ends.
+                with _signals_held():
+                    procs.append(
+                        subprocess.Popen(
+                            command, stdout=out, stderr=err, env=worker_env, start_new_session=True
+                        )
                     )
-                )
             _wait(procs, logs, timeout)
             if not result.exists():
                 raise WorkerError(
@@ -165,6 +167,33 @@ def launch(
             for out, err in logs:
                 out.close()
                 err.close()
+
+
+@contextlib.contextmanager
+def _signals_held(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+    """Holds back `signums` for the duration of the block and delivers them, to the
+    handlers there were before it, when it ends.
+
+    `subprocess.Popen` can be interrupted after the child process exists but before
+    it returns the `Popen`, and then nothing can end that child. Only the main thread
+    handles signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: a handler set from C, which this cannot restore
+            previous[signum] = handler
+            signal.signal(signum, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 def free_port() -> int:

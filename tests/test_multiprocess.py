@@ -110,9 +110,11 @@ def test_sigterm_to_the_command_ends_every_worker():
     command = [sys.executable, str(SCRIPT), "--processes=2", "--preset=tiny"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        # Signalled as soon as the second worker exists, which is often while the
+        # launcher is still starting it.
         deadline = time.monotonic() + 30
         while len(workers := _children(proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.001)
         assert len(workers) == 2
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -123,6 +125,24 @@ def test_sigterm_to_the_command_ends_every_worker():
     assert proc.returncode == 130
     assert b"Interrupted; ended the workers." in err
     _assert_gone(workers)
+
+
+def test_an_interrupt_while_a_worker_starts_is_delivered_once_it_is_recorded():
+    started = []
+    previous = signal.signal(signal.SIGTERM, launcher._raise_on_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt), launcher._signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # a handler not held back would have raised by now
+            started.append("worker")
+        assert started == ["worker"]
+        assert signal.getsignal(signal.SIGTERM) is launcher._raise_on_sigterm
+        with launcher._signals_held():
+            started.append("another")
+        assert started == ["worker", "another"]
+        assert signal.getsignal(signal.SIGTERM) is launcher._raise_on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _alive(pid: int) -> bool:
