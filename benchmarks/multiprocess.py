@@ -172,7 +172,7 @@ def launch(
 @contextlib.contextmanager
 def _signals_held(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
     """Holds back `signums` for the duration of the block and delivers them, to the
-    handlers there were before it, when it ends.
+    handlers that were there before it, when it ends.
 
     `subprocess.Popen` can be interrupted after the child process exists but before
     it returns the `Popen`, and then nothing can end that child. Only the main thread

@@ -259,6 +259,7 @@ def latent_scaling(model: eqx_vae.AutoencoderKL, data: train.Samples) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with every stage's crop and batch sizes resolved to lists of
     the same length."""
+    builtin = builtin_config()
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/builtin", help="the run's folder")
     parser.add_argument("--steps", type=int, default=5000)
@@ -393,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--norm-groups",
         type=int,
-        default=builtin_config().norm_num_groups,
+        default=builtin.norm_num_groups,
         metavar="N",
         help="GroupNorm groups of the model trained from random weights (default: "
         "builtin_config()'s, 8; 4 was tried, README gives its figures)",
@@ -443,13 +444,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--final-batch-size needs one batch size per --final-crop-size")
     if args.start is not None and args.final_steps < 1:
         parser.error("--start runs the third stage alone and needs --final-steps above 0")
-    if args.start is not None and args.norm_groups != builtin_config().norm_num_groups:
+    if args.start is not None and args.norm_groups != builtin.norm_num_groups:
         parser.error(
             "--norm-groups sets the architecture of a model trained from random "
             "weights; --start takes the weights' own"
         )
     try:
-        args.architecture = dataclasses.replace(builtin_config(), norm_num_groups=args.norm_groups)
+        args.architecture = dataclasses.replace(builtin, norm_num_groups=args.norm_groups)
     except ValueError as e:
         parser.error(f"--norm-groups: {e}")
     return args
